@@ -1,0 +1,129 @@
+"""Adapter families, one module each, and loading a saved PEFT adapter folder."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load_file
+
+from ..errors import AdapterError, UnsupportedAdapterError
+from .base import AdapterFamily, ModuleState, Scheme, ShapeLookup, split_keys
+
+# PEFT's peft_type → "module:Class" of the family that merges it.
+FAMILIES = {
+    "LORA": "lora:LoRA",
+    "DELORA": "delora:DeLoRA",
+    "VERA": "vera:VeRA",
+    "IA3": "ia3:IA3",
+    "ROAD": "road:RoAd",
+    "ADALORA": "adalora:AdaLoRA",
+    "LOHA": "loha:LoHa",
+    "LOKR": "lokr:LoKr",
+    "OFT": "oft:OFT",
+    "BOFT": "boft:BOFT",
+    "HRA": "hra:HRA",
+    "RANDLORA": "randlora:RandLoRA",
+    "VBLORA": "vblora:VBLoRA",
+    "FOURIERFT": "fourierft:FourierFT",
+    "C3A": "c3a:C3A",
+    "SHIRA": "shira:SHiRA",
+    "MISS": "miss:MiSS",
+    "BONE": "miss:MiSS",
+    "LN_TUNING": "ln_tuning:LNTuning",
+    "TRAINABLE_TOKENS": "trainable_tokens:TrainableTokens",
+    "POLY": "poly:Poly",
+}
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def family_for(peft_type: str) -> AdapterFamily:
+    """The family object for a PEFT type name (e.g. "LORA")."""
+    if peft_type not in FAMILIES:
+        known = ", ".join(sorted(FAMILIES))
+        raise UnsupportedAdapterError(f"Unknown or unsupported adapter type {peft_type!r}. weightsteer merges: {known}.")
+    module, cls = FAMILIES[peft_type].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)()
+
+
+def all_families() -> list[AdapterFamily]:
+    return [family_for(t) for t in FAMILIES]
+
+
+@dataclass
+class Adapter:
+    """A saved PEFT adapter: its config, its tensors (fp32) and the family that reads them."""
+
+    path: Path
+    config: dict
+    family: AdapterFamily
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def peft_type(self) -> str:
+        return self.config["peft_type"]
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    def modules(self, base_shapes: ShapeLookup, options: Mapping[str, object] | None = None) -> list[ModuleState]:
+        return self.family.parse(self.config, self.tensors, base_shapes, options or {})
+
+    def replacements(self) -> dict[str, torch.Tensor]:
+        """Base tensors the adapter stores whole (modules_to_save, trained biases, saved embeddings)."""
+        return split_keys(self.tensors, self.family.tokens, self.family.shared_tokens)[1]
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Read adapter_config.json and the adapter weights from a local folder."""
+    path = Path(path)
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise AdapterError(f"{path} has no {CONFIG_NAME}; pass the folder PEFT's save_pretrained wrote.")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise AdapterError(f"{config_path} is not valid JSON: {e}") from e
+    if "peft_type" not in config:
+        raise AdapterError(f"{config_path} has no peft_type; is it a PEFT adapter config?")
+    family = family_for(config["peft_type"])
+    return Adapter(path, config, family, _read_tensors(path))
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    safetensors_path, bin_path = (path / n for n in WEIGHTS_NAMES)
+    if safetensors_path.is_file():
+        tensors = load_file(safetensors_path)
+    elif bin_path.is_file():
+        # weights_only refuses pickled code; adapters are small, so loading them whole is fine.
+        tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
+    else:
+        raise AdapterError(f"{path} has no {' or '.join(WEIGHTS_NAMES)}.")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdapterError(f"Adapter tensor {name!r} in {path} contains NaN or inf; the adapter is broken.")
+    return {n: t.float() if t.is_floating_point() else t for n, t in tensors.items()}
+
+
+
+def scheme_table() -> str:
+    """Every family × scheme as a Markdown table (the README's table is generated from this)."""
+    rows = ["| adapter | scheme | formula | c = 0 · 1 · −1 | base at c = 0 |", "|---|---|---|---|---|"]
+    for family in all_families():
+        for scheme in family.scheme_rows():
+            default = " (default)" if scheme.name == "linear" else ""
+            zero = "yes" if scheme.base_at_zero else "**no**"
+            rows.append(f"| {family.name} | `{scheme.name}`{default} | {scheme.formula} | {scheme.meaning} | {zero} |")
+        knobs = ", ".join(f"`knob:{k}`" for k in family.knob_names())
+        rows.append(f"| {family.name} | {knobs} | p → c·p for that one parameter | as PEFT computes it | **no** |")
+    return "\n".join(rows)
+
+
+__all__ = ["Adapter", "AdapterFamily", "ModuleState", "Scheme", "ShapeLookup", "family_for", "all_families", "load_adapter", "scheme_table"]

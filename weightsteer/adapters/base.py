@@ -1,0 +1,226 @@
+"""What every adapter family provides, and the coeff-scheme machinery they share.
+
+An adapter family (one module in this package) turns PEFT's saved tensors into `ModuleState`s,
+one per adapted module, and gives the closed-form weight (and bias) that PEFT's forward computes
+from such a state. A `Scheme` maps a state at strength 1 to the state at strength c. The merge
+applies `family.weight(scheme(state, c), W)`; the runtime context manager writes
+`scheme(state, c)` into the live PEFT layer. Both use the same scheme function, so "merged at c"
+and "unmerged at c" cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Callable, ClassVar, Iterable, Mapping
+
+import torch
+
+from ..errors import AdapterError, SchemeError
+
+MODEL_PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."
+
+
+@dataclass
+class ModuleState:
+    """One adapted module: the adapter tensors PEFT stores for it (fp32) and its scalar settings."""
+
+    path: str
+    tensors: dict[str, torch.Tensor]
+    scalars: dict[str, float] = field(default_factory=dict)
+    layer: str = "linear"  # "linear" (W is out×in) or "embedding" (W is vocab×dim)
+    fan_in_fan_out: bool = False  # the base tensor is stored transposed (GPT-2 Conv1D)
+
+    def with_tensors(self, **tensors: torch.Tensor) -> "ModuleState":
+        return replace(self, tensors={**self.tensors, **tensors})
+
+    def with_scalars(self, **scalars: float) -> "ModuleState":
+        return replace(self, scalars={**self.scalars, **scalars})
+
+
+SchemeFn = Callable[[ModuleState, float], ModuleState]
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A way to read coeff c: a map from the trained state to the state at c.
+
+    `apply` is None for `delta`, which is defined on whole weights (W + c(W₁ − W)) rather than on
+    adapter parameters.
+    """
+
+    name: str
+    formula: str
+    meaning: str  # what c = 0, 1, −1 give
+    apply: SchemeFn | None
+    base_at_zero: bool = True
+    interpolates_replacements: bool = True  # tensors stored whole: t₀ + c(t₁ − t₀), else kept as trained
+
+
+DELTA = Scheme(
+    "delta",
+    "W + c·(W₁ − W)",
+    "0: base · 1: trained · −1: base − (W₁ − W)",
+    None,
+)
+
+
+def linear_from(identity: float, c: float, value: torch.Tensor) -> torch.Tensor:
+    """p(c) = p_id + c·(p − p_id): move a parameter linearly away from its no-op value."""
+    return identity + c * (value - identity)
+
+
+class AdapterFamily:
+    """Base class for one PEFT adapter family. Subclasses fill in the class attributes and methods."""
+
+    name: ClassVar[str]
+    peft_types: ClassVar[tuple[str, ...]]
+    tokens: ClassVar[tuple[str, ...]]  # parameter names in saved keys, e.g. ("lora_A", "lora_B")
+    shared_tokens: ClassVar[tuple[str, ...]] = ()  # tensors saved once at base_model.<name>
+    schemes: ClassVar[dict[str, Scheme]]
+    knobs: ClassVar[tuple[str, ...]] = ()  # scalars that `knob:<name>` may scale besides tensors
+
+    # ---- parsing -------------------------------------------------------------------------------
+    def parse(
+        self, config: dict, tensors: Mapping[str, torch.Tensor], base_shapes: "ShapeLookup", options: Mapping[str, object]
+    ) -> list[ModuleState]:
+        """One state per adapted module. options: user choices such as {"task_id": 2} (Poly)."""
+        raise NotImplementedError
+
+    def tied_head_follows(self, config: dict) -> bool:
+        """With tied embeddings, does PEFT's forward apply the embedding's change to the head as well?"""
+        return bool(config.get("ensure_weight_tying"))
+
+    # ---- closed form ---------------------------------------------------------------------------
+    def weight(self, state: ModuleState, weight: torch.Tensor) -> torch.Tensor:
+        """The merged weight PEFT's forward computes, in Linear orientation, fp32."""
+        raise NotImplementedError
+
+    def bias(self, state: ModuleState, bias: torch.Tensor) -> torch.Tensor:
+        return bias
+
+    def changes_bias(self, state: ModuleState) -> bool:
+        return False
+
+    def check_shapes(self, state: ModuleState, weight_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None) -> None:
+        """Raise AdapterError if the module's tensors cannot apply to a base weight of this shape."""
+
+    # ---- runtime twin --------------------------------------------------------------------------
+    def live_state(self, layer: torch.nn.Module, adapter: str, path: str) -> ModuleState:
+        raise NotImplementedError
+
+    def set_live_state(self, layer: torch.nn.Module, adapter: str, state: ModuleState) -> None:
+        raise NotImplementedError
+
+    # ---- schemes -------------------------------------------------------------------------------
+    def scheme(self, name: str | None) -> Scheme:
+        name = name or "linear"
+        if name == "delta":
+            return DELTA
+        if name.startswith("knob:"):
+            return self._knob(name[len("knob:") :])
+        if name not in self.schemes:
+            available = ", ".join([*self.schemes, "delta", *(f"knob:{k}" for k in self.knob_names())])
+            raise SchemeError(f"{self.name} has no coeff scheme {name!r}. Available: {available}.")
+        return self.schemes[name]
+
+    def knob_names(self) -> tuple[str, ...]:
+        return (*self.tokens, *self.knobs)
+
+    def _knob(self, knob: str) -> Scheme:
+        if knob not in self.knob_names():
+            raise SchemeError(
+                f"{self.name} has no parameter {knob!r} to multiply by c. Parameters: {', '.join(self.knob_names())}."
+            )
+
+        def apply(state: ModuleState, c: float) -> ModuleState:
+            if knob in state.scalars:
+                return state.with_scalars(**{knob: state.scalars[knob] * c})
+            if knob in state.tensors:
+                return state.with_tensors(**{knob: state.tensors[knob] * c})
+            return state
+
+        return Scheme(
+            f"knob:{knob}",
+            f"{knob} → c·{knob}",
+            "what PEFT computes with this one parameter multiplied by c; other tensors stay as trained",
+            apply,
+            base_at_zero=False,
+            interpolates_replacements=False,
+        )
+
+    def scheme_rows(self) -> Iterable[Scheme]:
+        yield from self.schemes.values()
+        yield DELTA
+
+
+class ShapeLookup:
+    """Shapes of base tensors, by module path, for families that size things from the base."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]):
+        self.shapes = shapes
+
+    def weight(self, path: str) -> tuple[int, ...] | None:
+        return self.shapes.get(path + ".weight")
+
+
+# ---- helpers shared by the family modules -----------------------------------------------------
+
+
+def split_keys(
+    tensors: Mapping[str, torch.Tensor], tokens: Iterable[str], shared_tokens: Iterable[str] = ()
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Sort saved adapter keys into (per-module params, replacement tensors, shared tensors).
+
+    `base_model.model.<path>.<token>[.weight|.bias]` → modules[path][token or token.bias];
+    `base_model.<shared>` → shared; any other key names a base tensor the adapter replaces
+    (modules_to_save, trained biases, saved embeddings): `.base_layer` is dropped from its name.
+    """
+    token_re = re.compile(r"^(?P<path>.+?)\.(?P<token>" + "|".join(map(re.escape, tokens)) + r")(?P<rest>(\.[^.]+)?)$")
+    shared_names = {SHARED_PREFIX + t for t in shared_tokens}
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    replacements: dict[str, torch.Tensor] = {}
+    shared: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if key in shared_names:
+            shared[key[len(SHARED_PREFIX) :]] = tensor
+            continue
+        if not key.startswith(MODEL_PREFIX):
+            raise AdapterError(f"Adapter tensor {key!r} does not start with {MODEL_PREFIX!r}; is this a PEFT adapter?")
+        name = key[len(MODEL_PREFIX) :]
+        match = token_re.match(name)
+        if match is None:
+            replacements[name.replace(".base_layer.", ".")] = tensor
+            continue
+        param = match["token"] + (".bias" if match["rest"] == ".bias" else "")
+        modules.setdefault(match["path"], {})[param] = tensor
+    return modules, replacements, shared
+
+
+def pattern_value(patterns: Mapping[str, object] | None, path: str, default):
+    """PEFT's rank/alpha pattern lookup: the first key (in stored order) whose regex matches the end of path."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def require(tensors: Mapping[str, torch.Tensor], path: str, *names: str) -> None:
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise AdapterError(f"Adapter module {path} lacks {', '.join(missing)}; the adapter file is incomplete.")
+
+
+def shape_error(path: str, what: str, expected: object, found: object) -> AdapterError:
+    return AdapterError(
+        f"Adapter module {path}: {what} — the adapter expects {expected} but the base has {found}. "
+        "Is --base the model this adapter was trained on?"
+    )
+
+
+def finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise SchemeError(f"{what} must be a finite number, got {value}.")
+    return value

@@ -1,0 +1,243 @@
+"""Streaming access to safetensors checkpoints.
+
+`Checkpoint` reads the headers of a (sharded) safetensors checkpoint and hands out one tensor at a
+time; `ShardWriter` writes a safetensors file tensor by tensor, so that no shard is ever held in
+memory whole. The `safetensors` library only writes complete in-memory dicts, which is why the
+writer is ours; the format itself (8-byte little-endian header length, JSON header with data
+offsets, raw little-endian data) is small and stable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import BaseModelError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+WEIGHT_FORMATS_REFUSED = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+INDEX_NAME = "model.safetensors.index.json"
+_COPY_CHUNK = 1 << 30
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype code, shape and absolute byte range."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def dtype_itemsize(code: str) -> int:
+    return torch.empty((), dtype=DTYPES[code]).element_size()
+
+
+def read_header(path: Path) -> tuple[dict[str, str], list[TensorInfo]]:
+    """Parse a safetensors header: (metadata, tensors in file order)."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+    except (OSError, struct.error, ValueError) as e:
+        raise BaseModelError(f"{path}: not a readable safetensors file ({e}).") from e
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + length
+    tensors = []
+    for name, entry in header.items():
+        if entry["dtype"] not in DTYPES:
+            raise BaseModelError(
+                f"{path}: tensor {name!r} has dtype {entry['dtype']}, which weightsteer does not read."
+            )
+        begin, end = entry["data_offsets"]
+        tensors.append(
+            TensorInfo(name, entry["dtype"], tuple(entry["shape"]), path, data_start + begin, end - begin)
+        )
+    tensors.sort(key=lambda t: t.start)
+    return metadata, tensors
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor from disk into fresh CPU memory (no mmap kept alive)."""
+    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    view = memoryview(buffer.numpy())
+    with open(info.file, "rb", buffering=0) as f:
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(f.fileno(), [view[done:]], info.start + done)
+            if n == 0:
+                raise BaseModelError(f"{info.file}: file ends inside tensor {info.name!r}; it is truncated.")
+            done += n
+    return buffer.view(info.torch_dtype).reshape(info.shape)
+
+
+class Checkpoint:
+    """A base model folder with safetensors weights (one file or shards with an index)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise BaseModelError(f"Base model folder {self.root} does not exist.")
+        self.config = self._read_config()
+        self.shard_names = self._shard_names()
+        self.shard_metadata: dict[str, dict[str, str]] = {}
+        self.shard_tensors: dict[str, list[TensorInfo]] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        for shard in self.shard_names:
+            metadata, infos = read_header(self.root / shard)
+            self.shard_metadata[shard] = metadata
+            self.shard_tensors[shard] = infos
+            for info in infos:
+                if info.name in self.tensors:
+                    raise BaseModelError(f"{self.root}: tensor {info.name!r} is stored in two shards.")
+                self.tensors[info.name] = info
+        self._check_index()
+
+    def _read_config(self) -> dict:
+        path = self.root / "config.json"
+        if not path.is_file():
+            raise BaseModelError(f"{self.root} has no config.json; is it a transformers model folder?")
+        try:
+            return json.loads(path.read_text())
+        except ValueError as e:
+            raise BaseModelError(f"{path} is not valid JSON: {e}") from e
+
+    @property
+    def index_path(self) -> Path | None:
+        path = self.root / INDEX_NAME
+        return path if path.is_file() else None
+
+    def _shard_names(self) -> list[str]:
+        if self.index_path:
+            self.index = json.loads(self.index_path.read_text())
+            names = list(dict.fromkeys(self.index["weight_map"].values()))
+            missing = [n for n in names if not (self.root / n).is_file()]
+            if missing:
+                raise BaseModelError(f"{self.index_path} names shards that are missing: {', '.join(missing)}.")
+            return names
+        self.index = None
+        if (self.root / "model.safetensors").is_file():
+            return ["model.safetensors"]
+        others = sorted(p.name for p in self.root.iterdir() if p.suffix in WEIGHT_FORMATS_REFUSED)
+        if others:
+            raise BaseModelError(
+                f"{self.root} has weights only as {', '.join(others)}. weightsteer reads safetensors only: "
+                "pickle files can run arbitrary code when loaded and cannot be streamed tensor by tensor. "
+                "Convert once with transformers (`AutoModelForCausalLM.from_pretrained(path)."
+                "save_pretrained(out)`) and merge into that."
+            )
+        raise BaseModelError(f"{self.root} has no model.safetensors and no {INDEX_NAME}.")
+
+    def _check_index(self) -> None:
+        if self.index is None:
+            return
+        weight_map = self.index["weight_map"]
+        for name, info in self.tensors.items():
+            if weight_map.get(name) != info.file.name:
+                raise BaseModelError(f"{self.index_path}: tensor {name!r} is in {info.file.name} but the index disagrees.")
+        absent = set(weight_map) - set(self.tensors)
+        if absent:
+            raise BaseModelError(f"{self.index_path} lists tensors no shard holds, e.g. {sorted(absent)[0]!r}.")
+
+    def read(self, name: str) -> torch.Tensor:
+        return read_tensor(self.tensors[name])
+
+    def weight_files(self) -> set[str]:
+        names = set(self.shard_names)
+        if self.index_path:
+            names.add(INDEX_NAME)
+        return names
+
+
+class ShardWriter:
+    """Writes one safetensors file tensor by tensor, in a layout fixed up front."""
+
+    def __init__(self, path: Path, layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]):
+        header: dict[str, object] = {"__metadata__": metadata}
+        offset = 0
+        self._order: list[tuple[str, int]] = []
+        for name, dtype, shape in layout:
+            nbytes = dtype_itemsize(dtype) * _numel(shape)
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._order.append((name, nbytes))
+            offset += nbytes
+        self.nbytes = offset
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        self.path = path
+        self._file = open(path, "wb", buffering=0)
+        self._write(struct.pack("<Q", len(encoded)) + encoded)
+        self._next = 0
+
+    def _expect(self, name: str, nbytes: int) -> None:
+        expected_name, expected_bytes = self._order[self._next]
+        if (name, nbytes) != (expected_name, expected_bytes):
+            raise AssertionError(f"{self.path}: wrote {name} ({nbytes} B), expected {expected_name} ({expected_bytes} B)")
+        self._next += 1
+
+    def _write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[self._file.write(view) :]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        self._expect(name, data.nbytes)
+        self._write(data)
+
+    def copy(self, name: str, info: TensorInfo) -> None:
+        """Write tensor `name` as an unchanged copy of `info`'s bytes (in the kernel where possible)."""
+        self._expect(name, info.nbytes)
+        with open(info.file, "rb", buffering=0) as src:
+            done = 0
+            while done < info.nbytes:
+                count = min(_COPY_CHUNK, info.nbytes - done)
+                try:
+                    n = os.copy_file_range(src.fileno(), self._file.fileno(), count, info.start + done)
+                except OSError:
+                    n = self._file.write(os.pread(src.fileno(), count, info.start + done))
+                if n == 0:
+                    raise BaseModelError(f"{info.file}: file ends inside tensor {info.name!r}; it is truncated.")
+                done += n
+
+    def close(self) -> None:
+        self._file.close()
+        if self._next != len(self._order):
+            raise AssertionError(f"{self.path}: {len(self._order) - self._next} tensors were never written")
+
+    def abort(self) -> None:
+        self._file.close()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,252 @@
+"""The merge engine: stream the base checkpoint once, write one output checkpoint per coeff."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .adapters import Adapter, load_adapter
+from .card import write_card
+from .checkpoint import DTYPES, Checkpoint, ShardWriter
+from .errors import AdapterError, BaseModelError, SchemeError
+from .hub import resolve
+from .outputs import check_output, copy_support_files, publish, remove_quietly, staging_dir, write_index
+from .planner import MergePlan, OutputTensor, plan_merge
+
+PathLike = str | os.PathLike
+PROVENANCE_NAME = "weightsteer.json"
+ROUNDING_WARN_SHARE = 0.25
+
+
+@dataclass
+class RoundingReport:
+    """How much of the fp32 change survived rounding to the output dtype."""
+
+    changed: int = 0  # elements whose fp32 value changed
+    swallowed: int = 0  # of those, elements that rounded back to the base value
+    change_norm_sq: float = 0.0  # ‖W' − W‖² in fp32
+    error_norm_sq: float = 0.0  # ‖round(W') − W'‖² over changed tensors
+
+    def add(self, base: torch.Tensor, target: torch.Tensor, rounded: torch.Tensor, base_rounded: torch.Tensor) -> None:
+        changed = target != base
+        self.changed += int(changed.sum())
+        self.swallowed += int((changed & (rounded == base_rounded)).sum())
+        self.change_norm_sq += float(torch.sum((target - base).double() ** 2))
+        self.error_norm_sq += float(torch.sum((rounded.float() - target).double() ** 2))
+
+    @property
+    def swallowed_share(self) -> float:
+        return self.swallowed / self.changed if self.changed else 0.0
+
+    @property
+    def relative_error(self) -> float:
+        """‖round(W') − W'‖ / ‖W' − W‖: the share of the change that rounding lost or distorted."""
+        return math.sqrt(self.error_norm_sq / self.change_norm_sq) if self.change_norm_sq else 0.0
+
+    def summary(self, dtype: str) -> str:
+        return (
+            f"rounding to {dtype}: {self.swallowed_share:.1%} of changed elements rounded back to the base value; "
+            f"relative error of the change {self.relative_error:.2%}"
+        )
+
+
+@dataclass
+class MergeResult:
+    """One written checkpoint."""
+
+    path: Path
+    coeff: float
+    scheme: str
+    adapter_type: str
+    changed_tensors: list[str] = field(default_factory=list)
+    rounding: RoundingReport = field(default_factory=RoundingReport)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        data["rounding"] |= {"swallowed_share": self.rounding.swallowed_share, "relative_error": self.rounding.relative_error}
+        return data
+
+
+def merge(
+    adapter: PathLike,
+    output: PathLike,
+    *,
+    coeff: float = 1.0,
+    base: PathLike | None = None,
+    scheme: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    task_id: int | None = None,
+) -> Path:
+    """Merge `adapter` into its base at strength `coeff` and write a standalone checkpoint to `output`.
+
+    `base` defaults to the adapter config's base_model_name_or_path; both may be local folders or Hub
+    repo ids. `scheme` picks how coeff is read (default "linear"; see `weightsteer schemes`).
+    `task_id` selects the task of a Poly adapter. Returns the output folder.
+    """
+    results = merge_many(
+        adapter,
+        {coeff: output},
+        base=base,
+        scheme=scheme,
+        dtype=dtype,
+        device=device,
+        overwrite=overwrite,
+        progress=progress,
+        task_id=task_id,
+    )
+    return results[0].path
+
+
+def merge_many(
+    adapter: PathLike,
+    outputs: Mapping[float, PathLike],
+    *,
+    base: PathLike | None = None,
+    scheme: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    task_id: int | None = None,
+) -> list[MergeResult]:
+    """Like `merge`, for several coeffs at once: the base is read once, one checkpoint per coeff."""
+    targets = {_finite_coeff(c): Path(p) for c, p in outputs.items()}
+    if not targets:
+        raise SchemeError("Give at least one coeff.")
+    for path in targets.values():
+        check_output(path, overwrite)
+    loaded = load_adapter(resolve(str(adapter), "adapter"))
+    base_ref = base if base is not None else loaded.base_model
+    if not base_ref:
+        raise BaseModelError(f"{loaded.path}/adapter_config.json names no base_model_name_or_path; pass --base.")
+    checkpoint = Checkpoint(resolve(str(base_ref), "base"))
+    chosen = loaded.family.scheme(scheme)
+    options = {"task_id": task_id} if task_id is not None else {}
+    plan = plan_merge(checkpoint, loaded, chosen, _torch_dtype(dtype), options)
+    results = [MergeResult(path, c, chosen.name, loaded.peft_type) for c, path in targets.items()]
+    for result in results:
+        if not chosen.base_at_zero and result.coeff == 0:
+            result.warnings.append(f"scheme {chosen.name} does not give the base model at coeff 0.")
+    stagings = [staging_dir(r.path) for r in results]
+    try:
+        _stream(plan, results, stagings, torch.device(device or "cpu"), progress)
+        for result, staging in zip(results, stagings):
+            _finish(plan, loaded, str(adapter), str(base_ref), result, staging)
+        for result, staging in zip(results, stagings):
+            publish(staging, result.path)
+    finally:
+        for staging in stagings:
+            remove_quietly(staging)
+    return results
+
+
+def _finite_coeff(c: float) -> float:
+    c = float(c)
+    if not math.isfinite(c):
+        raise SchemeError(f"coeff must be a finite number, got {c}.")
+    return c
+
+
+def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": "F32", "fp32": "F32", "float16": "F16", "fp16": "F16", "bfloat16": "BF16", "bf16": "BF16"}
+    if dtype not in names:
+        raise SchemeError(f"Unknown dtype {dtype!r}; use one of float32, float16, bfloat16.")
+    return DTYPES[names[dtype]]
+
+
+def _stream(plan: MergePlan, results: Sequence[MergeResult], stagings: Sequence[Path], device: torch.device, progress: bool) -> None:
+    total = sum(t.source.nbytes for tensors in plan.shards.values() for t in tensors)
+    for tensors in plan.shards.values():
+        for tensor in tensors:
+            if tensor.edit is not None:
+                tensor.edit.to(device)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress) as bar:
+        for shard, tensors in plan.shards.items():
+            layout = [(t.name, t.dtype, t.shape) for t in tensors]
+            metadata = {**plan.checkpoint.shard_metadata[shard], "format": "pt"}
+            writers = [ShardWriter(staging / shard, layout, metadata) for staging in stagings]
+            try:
+                for tensor in tensors:
+                    _write_tensor(plan, tensor, writers, results, device)
+                    bar.update(tensor.source.nbytes)
+            except BaseException:
+                for writer in writers:
+                    writer.abort()
+                raise
+            for writer in writers:
+                writer.close()
+
+
+def _write_tensor(plan: MergePlan, tensor: OutputTensor, writers: Sequence[ShardWriter], results: Sequence[MergeResult], device: torch.device) -> None:
+    dtype = DTYPES[tensor.dtype]
+    copies_bytes = tensor.dtype == tensor.source.dtype
+    needs_compute = tensor.edit is not None and any(not _is_base(plan, r.coeff) for r in results)
+    if not needs_compute and copies_bytes:
+        for writer in writers:
+            writer.copy(tensor.name, tensor.source)
+        return
+    stored = plan.checkpoint.read(tensor.source.name)
+    base = stored.to(device=device, dtype=torch.float32)
+    base_rounded = stored.to(device=device, dtype=dtype)
+    for writer, result in zip(writers, results):
+        if tensor.edit is None or _is_base(plan, result.coeff):
+            writer.write(tensor.name, base_rounded)
+            continue
+        target = tensor.edit(base, plan.scheme, result.coeff)
+        if not torch.isfinite(target).all():
+            raise AdapterError(f"Merging {tensor.name} at coeff {result.coeff} gives NaN or inf; check the adapter and coeff.")
+        rounded = target.to(dtype)
+        if not torch.equal(target, base):
+            result.changed_tensors.append(tensor.name)
+        result.rounding.add(base, target, rounded, base_rounded)
+        writer.write(tensor.name, rounded)
+
+
+def _is_base(plan: MergePlan, coeff: float) -> bool:
+    return coeff == 0 and plan.scheme.base_at_zero
+
+
+def _finish(plan: MergePlan, adapter: Adapter, adapter_ref: str, base_ref: str, result: MergeResult, staging: Path) -> None:
+    if not result.changed_tensors and result.coeff != 0:
+        raise AdapterError(
+            f"Merging {adapter_ref} at coeff {result.coeff} changes no tensor: every delta is zero. "
+            "Is the adapter still at its initialisation (e.g. LoRA B = 0)?"
+        )
+    out_dtype = {t.dtype for t in plan.edited} or {"unchanged"}
+    if result.rounding.swallowed_share > ROUNDING_WARN_SHARE:
+        result.warnings.append(
+            f"{result.rounding.summary('/'.join(sorted(out_dtype)))}. Most of the change is lost; "
+            "use a larger |coeff| or --dtype float32."
+        )
+    if plan.checkpoint.index is not None:
+        weight_map = {t.name: shard for shard, tensors in plan.shards.items() for t in tensors}
+        total = sum(t.nbytes for tensors in plan.shards.values() for t in tensors)
+        write_index(staging, weight_map, total, plan.checkpoint.index.get("metadata", {}))
+    copy_support_files(plan.checkpoint, staging, plan.config_patch)
+    provenance = {
+        "weightsteer_version": __version__,
+        "adapter": adapter_ref,
+        "adapter_type": adapter.peft_type,
+        "base_model": base_ref,
+        "coeff": result.coeff,
+        "scheme": {"name": plan.scheme.name, "formula": plan.scheme.formula},
+        "config_patch": plan.config_patch,
+        "result": result.to_dict() | {"path": None},
+    }
+    (staging / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
+    write_card(staging, provenance, result.path.name)

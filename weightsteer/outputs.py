@@ -1,0 +1,118 @@
+"""Assembling an output folder: staging, support files copied byte for byte, minimal config patches,
+the shard index, and the atomic rename that makes it visible."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from json.decoder import scanstring
+from pathlib import Path
+
+from .checkpoint import INDEX_NAME, WEIGHT_FORMATS_REFUSED, Checkpoint
+from .errors import OutputError
+
+CARD_NAME = "README.md"
+SKIPPED_DIRS = {".git", ".cache", ".huggingface"}
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not overwrite:
+        raise OutputError(f"Output {output} exists already; pass --overwrite (overwrite=True) to replace it.")
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"Output {output} exists and is not a folder; remove it or choose another path.")
+    if not output.parent.exists():
+        raise OutputError(f"The parent folder of {output} does not exist.")
+
+
+def staging_dir(output: Path) -> Path:
+    """A hidden sibling of output: same filesystem, so the final rename is atomic."""
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}.weightsteer-", dir=output.parent))
+
+
+def publish(staging: Path, output: Path) -> None:
+    """Move the finished folder into place; an older output (only with overwrite) goes last."""
+    old = None
+    if output.exists():
+        old = staging.with_name(staging.name + "-old")
+        output.rename(old)
+    staging.rename(output)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def copy_support_files(checkpoint: Checkpoint, staging: Path, config_patch: dict[str, object]) -> list[str]:
+    """Copy every non-weight file of the base (tokenizer, generation config, license, ...) unchanged."""
+    skip = checkpoint.weight_files() | {CARD_NAME}
+    copied = []
+    for source in sorted(checkpoint.root.rglob("*")):
+        relative = source.relative_to(checkpoint.root)
+        if source.is_dir() or relative.parts[0] in SKIPPED_DIRS or str(relative) in skip:
+            continue
+        if source.suffix in WEIGHT_FORMATS_REFUSED or source.name.endswith(".safetensors"):
+            continue  # weights in other formats would contradict the merged ones
+        target = staging / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if str(relative) == "config.json" and config_patch:
+            target.write_text(patch_json_text(source.read_text(), config_patch))
+        else:
+            shutil.copyfile(source, target)  # follows the Hub cache's symlinks
+        copied.append(str(relative))
+    return copied
+
+
+def patch_json_text(text: str, patch: dict[str, object]) -> str:
+    """Set top-level keys in a JSON document, leaving every other byte as it was."""
+    spans, closing = _top_level_spans(text)
+    edits = []
+    missing = {}
+    for key, value in patch.items():
+        if key in spans:
+            edits.append((*spans[key], json.dumps(value)))
+        else:
+            missing[key] = value
+    if missing:
+        indent = _indent(text)
+        added = "".join(f",\n{indent}{json.dumps(k)}: {json.dumps(v)}" for k, v in missing.items())
+        end = text.rstrip()[:closing].rstrip()
+        edits.append((len(end), closing, added + "\n"))
+    for start, end, replacement in sorted(edits, reverse=True):
+        text = text[:start] + replacement + text[end:]
+    return text
+
+
+def _top_level_spans(text: str) -> tuple[dict[str, tuple[int, int]], int]:
+    decoder = json.JSONDecoder()
+    spans = {}
+    i = text.index("{") + 1
+    while True:
+        while text[i] in " \t\r\n,":
+            i += 1
+        if text[i] == "}":
+            return spans, i
+        key, i = scanstring(text, i + 1)
+        i = text.index(":", i) + 1
+        while text[i] in " \t\r\n":
+            i += 1
+        _, end = decoder.raw_decode(text, i)
+        spans[key] = (i, end)
+        i = end
+
+
+def _indent(text: str) -> str:
+    for line in text.splitlines()[1:]:
+        stripped = line.lstrip()
+        if stripped.startswith('"'):
+            return line[: len(line) - len(stripped)]
+    return "  "
+
+
+def write_index(staging: Path, weight_map: dict[str, str], total_size: int, base_metadata: dict) -> None:
+    metadata = {**base_metadata, "total_size": total_size}
+    index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+    (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def remove_quietly(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+

@@ -1,0 +1,196 @@
+"""Decide, from headers alone, which base tensors a merge changes and what the output looks like.
+
+The plan maps every output tensor to its source tensor in the base and, for changed tensors, to
+the `Edit` that computes it. Nothing here reads tensor data, so a bad adapter/base pairing is
+reported before any output exists.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from .adapters import Adapter
+from .adapters.base import AdapterFamily, ModuleState, Scheme, ShapeLookup
+from .checkpoint import DTYPE_CODES, DTYPES, FLOAT_CODES, Checkpoint, TensorInfo
+from .errors import AdapterError, BaseModelError
+
+HEAD = "lm_head.weight"
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
+QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".g_idx", ".SCB", ".weight_format", ".absmax", ".quant_map", ".quant_state.bitsandbytes__nf4", ".weight_scale")
+
+
+@dataclass
+class Edit:
+    """How one output tensor is computed from its fp32 base tensor at coeff c."""
+
+    family: AdapterFamily | None
+    state: ModuleState | None = None
+    part: str = "weight"  # "weight", "bias" or "replace"
+    trained: torch.Tensor | None = None  # the stored tensor, for part == "replace"
+
+    def to(self, device: torch.device) -> None:
+        if self.trained is not None:
+            self.trained = self.trained.to(device)
+        if self.state is not None:
+            self.state.tensors = {name: t.to(device) for name, t in self.state.tensors.items()}
+
+    def __call__(self, base: torch.Tensor, scheme: Scheme, c: float) -> torch.Tensor:
+        if self.part == "replace":
+            if not scheme.interpolates_replacements:
+                return self.trained
+            return base + c * (self.trained - base)
+        transposed = self.part == "weight" and self.state.fan_in_fan_out
+        original = base.T if transposed else base
+        compute = self.family.weight if self.part == "weight" else self.family.bias
+        if scheme.apply is None:  # delta: W + c(W₁ − W)
+            result = original + c * (compute(self.state, original) - original)
+        else:
+            result = compute(scheme.apply(self.state, c), original)
+        return result.T if transposed else result
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    source: TensorInfo
+    dtype: str
+    edit: Edit | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.nbytes // self.source.torch_dtype.itemsize * DTYPES[self.dtype].itemsize
+
+
+@dataclass
+class MergePlan:
+    checkpoint: Checkpoint
+    adapter: Adapter
+    scheme: Scheme
+    shards: dict[str, list[OutputTensor]]
+    config_patch: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def edited(self) -> list[OutputTensor]:
+        return [t for tensors in self.shards.values() for t in tensors if t.edit is not None]
+
+
+def plan_merge(
+    checkpoint: Checkpoint,
+    adapter: Adapter,
+    scheme: Scheme,
+    dtype: torch.dtype | None = None,
+    options: Mapping[str, object] | None = None,
+) -> MergePlan:
+    _refuse_quantized(checkpoint)
+    shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
+    edits: dict[str, Edit] = {}
+    states = adapter.modules(ShapeLookup(shapes), options)
+    for state in states:
+        _add_module_edits(edits, checkpoint, adapter.family, state)
+    for name, trained in adapter.replacements().items():
+        target = _resolve(checkpoint, name, what=f"replaced tensor {name}")
+        base_info = _info(checkpoint, target)
+        if base_info.shape != tuple(trained.shape):
+            raise AdapterError(
+                f"Adapter stores a full copy of {name} with shape {tuple(trained.shape)} but the base tensor {target} "
+                f"has shape {base_info.shape}. A resized vocabulary cannot be merged into this base; merge into the "
+                "resized base model instead."
+            )
+        if not torch.equal(trained, checkpoint.read(base_info.name).float()):
+            edits[target] = Edit(None, part="replace", trained=trained)
+    if not edits:
+        raise AdapterError(f"Adapter {adapter.path} targets no module of the base; nothing would change.")
+    out_code = DTYPE_CODES[dtype] if dtype is not None else None
+    if out_code is not None and out_code not in FLOAT_CODES:
+        raise BaseModelError(f"--dtype must be a floating type (float32, float16, bfloat16), got {dtype}.")
+    plan = MergePlan(checkpoint, adapter, scheme, {})
+    head_source = _untie_head(checkpoint, adapter, edits, plan)
+    for shard, infos in checkpoint.shard_tensors.items():
+        tensors = plan.shards[shard] = []
+        for info in infos:
+            code = out_code if out_code and info.dtype in FLOAT_CODES else info.dtype
+            tensors.append(OutputTensor(info.name, info, code, edits.get(info.name)))
+            if head_source is not None and info.name == head_source[0]:
+                tensors.append(OutputTensor(HEAD, info, code, head_source[1]))
+    if out_code is not None:
+        plan.config_patch["torch_dtype" if "torch_dtype" in checkpoint.config else "dtype"] = str(dtype).removeprefix("torch.")
+    return plan
+
+
+def _add_module_edits(edits: dict[str, Edit], checkpoint: Checkpoint, family: AdapterFamily, state: ModuleState) -> None:
+    weight_name = _resolve(checkpoint, state.path + ".weight", what=f"adapter module {state.path}")
+    weight_shape = _info(checkpoint, weight_name).shape
+    if state.fan_in_fan_out:
+        weight_shape = weight_shape[::-1]
+    bias_name = weight_name.removesuffix("weight") + "bias"
+    bias_info = checkpoint.tensors.get(bias_name)
+    family.check_shapes(state, weight_shape, bias_info.shape if bias_info else None)
+    if weight_name in edits:
+        raise AdapterError(f"Two adapter modules change {weight_name}; weightsteer merges one change per tensor.")
+    edits[weight_name] = Edit(family, state, "weight")
+    if bias_info is not None and family.changes_bias(state):
+        edits[bias_name] = Edit(family, state, "bias")
+
+
+def _tied_embedding(checkpoint: Checkpoint) -> str | None:
+    """The input embedding that doubles as the output head, when the checkpoint stores no head."""
+    if HEAD in checkpoint.tensors:
+        return None
+    embeddings = [n for n in checkpoint.tensors if n.endswith(EMBEDDING_SUFFIXES)]
+    return embeddings[0] if len(embeddings) == 1 else None
+
+
+def _info(checkpoint: Checkpoint, name: str) -> TensorInfo:
+    return checkpoint.tensors[_tied_embedding(checkpoint) if name == HEAD and HEAD not in checkpoint.tensors else name]
+
+
+def _resolve(checkpoint: Checkpoint, name: str, what: str) -> str:
+    """Find the checkpoint tensor for a model-path tensor name (checkpoints may drop a leading prefix)."""
+    if name in checkpoint.tensors or (name == HEAD and _tied_embedding(checkpoint)):
+        return name
+    candidates = [n for n in checkpoint.tensors if name.endswith("." + n) or n.endswith("." + name)]
+    if len(candidates) == 1:
+        return candidates[0]
+    close = difflib.get_close_matches(name, list(checkpoint.tensors), n=1)
+    hint = f" The closest base tensor is {close[0]!r}." if close else ""
+    raise AdapterError(
+        f"{what}: the base checkpoint {checkpoint.root} has no tensor {name!r}.{hint} "
+        "Is --base the model this adapter was trained on?"
+    )
+
+
+def _untie_head(checkpoint: Checkpoint, adapter: Adapter, edits: dict[str, Edit], plan: MergePlan) -> tuple[str, Edit | None] | None:
+    """With tied embeddings, PEFT's forward changes only the side the adapter wraps: untie if needed.
+
+    Returns (embedding tensor, edit for the new head tensor) when lm_head.weight must be added.
+    """
+    embedding = _tied_embedding(checkpoint)
+    if embedding is None:
+        return None
+    head_edit = edits.pop(HEAD, None)
+    if embedding not in edits and head_edit is None:
+        return None
+    if adapter.family.tied_head_follows(adapter.config) and head_edit is None:
+        return None  # PEFT applies the embedding's change on both sides: keep one shared tensor.
+    plan.config_patch["tie_word_embeddings"] = False
+    return embedding, head_edit
+
+
+def _refuse_quantized(checkpoint: Checkpoint) -> None:
+    quantization = checkpoint.config.get("quantization_config")
+    quantized = [n for n in checkpoint.tensors if n.endswith(QUANTIZED_SUFFIXES)]
+    if quantization or quantized:
+        method = (quantization or {}).get("quant_method", "quantized tensors such as " + (quantized or ["?"])[0])
+        raise BaseModelError(
+            f"The base {checkpoint.root} is quantized ({method}). Adding a change to quantized weights either "
+            "loses it or silently re-quantizes the whole tensor; merge into the unquantized base model and "
+            "quantize the merged checkpoint afterwards (e.g. to GGUF)."
+        )

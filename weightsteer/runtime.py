@@ -1,0 +1,92 @@
+"""`scaled`: the runtime twin of a merge — the same coeff scheme applied to a live PEFT model."""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from typing import Iterator
+
+import torch
+
+from .adapters import family_for
+from .adapters.base import MODEL_PREFIX, Scheme
+from .errors import SchemeError
+
+
+@contextmanager
+def scaled(model: torch.nn.Module, coeff: float, *, scheme: str | None = None, adapter: str | None = None) -> Iterator[torch.nn.Module]:
+    """Run a PEFT model's adapter at strength `coeff`, in place; everything is restored on exit.
+
+    Uses the same scheme as `weightsteer.merge(..., coeff=coeff, scheme=scheme)`, so a checkpoint
+    merged at c and this model under `scaled(model, c)` compute the same function.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    if not math.isfinite(coeff):
+        raise SchemeError(f"coeff must be a finite number, got {coeff}.")
+    adapter = adapter or model.active_adapter
+    config = model.peft_config[adapter]
+    family = family_for(getattr(config.peft_type, "value", config.peft_type))
+    chosen = family.scheme(scheme)
+    if getattr(config, "bias", "none") != "none":
+        raise SchemeError(
+            f"The adapter trains the base biases (bias={config.bias!r}); the live model no longer knows their base "
+            "values, so coeff cannot be applied to them at runtime. Compare against a merged checkpoint instead."
+        )
+    layers = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, BaseTunerLayer) and any(adapter in getattr(module, n, {}) for n in module.adapter_layer_names)
+    ]
+    wrappers = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper) and adapter in m.modules_to_save]
+    with ExitStack() as stack:
+        if chosen.apply is None:
+            for _, module in layers:
+                stack.enter_context(_delta_hook(module, coeff))
+        else:
+            states = [(module, family.live_state(module, adapter, _path(name))) for name, module in layers]
+            for module, state in states:
+                stack.callback(family.set_live_state, module, adapter, state)
+            for module, state in states:
+                family.set_live_state(module, adapter, chosen.apply(state, coeff))
+        for wrapper in wrappers:
+            stack.enter_context(_interpolated(wrapper, adapter, coeff, chosen))
+        yield model
+
+
+def _path(name: str) -> str:
+    return name[len(MODEL_PREFIX) :] if name.startswith(MODEL_PREFIX) else name
+
+
+@contextmanager
+def _delta_hook(module: torch.nn.Module, coeff: float):
+    """y = y_base + c·(y_adapted − y_base): the output of W + c(W₁ − W), since a layer is affine in W."""
+
+    def hook(layer, args, kwargs, output):
+        base = layer.get_base_layer()(*args, **kwargs)
+        return base + coeff * (output - base)
+
+    handle = module.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _interpolated(wrapper: torch.nn.Module, adapter: str, coeff: float, scheme: Scheme):
+    """modules_to_save copies: p(c) = p₀ + c(p₁ − p₀), as the merge writes them."""
+    if not scheme.interpolates_replacements:
+        yield
+        return
+    trained = dict(wrapper.modules_to_save[adapter].named_parameters())
+    original = dict(wrapper.original_module.named_parameters())
+    saved = {name: p.detach().clone() for name, p in trained.items()}
+    for name, p in trained.items():
+        p.data.copy_(original[name] + coeff * (saved[name] - original[name]))
+    try:
+        yield
+    finally:
+        for name, p in trained.items():
+            p.data.copy_(saved[name])
