@@ -12,6 +12,7 @@ import click
 from . import __version__
 from .adapters import scheme_table
 from .errors import WeightsteerError
+from .inspect import format_report, inspect
 from .merge import merge_many
 
 
@@ -93,6 +94,23 @@ def merge(adapter, output, coeffs, base, scheme, dtype, device, task_id, overwri
                 f"wrote {r.path}  (coeff {r.coeff:g}, scheme {r.scheme}, {len(r.changed_tensors)} tensors changed; "
                 f"{r.rounding.swallowed_share:.1%} of changed elements lost to rounding)"
             )
+
+
+@main.command("inspect")
+@click.argument("adapter")
+@click.option("--base", help="Base model folder or Hub repo id: adds ‖ΔW‖/‖W‖ per changed tensor at coeff 1.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_fail_cleanly
+def inspect_command(adapter, base, as_json) -> None:
+    """Show an adapter's type, targets, ranks, coeff scheme and whether (and how) it merges.
+
+    \b
+    Examples:
+      weightsteer inspect ./honest-adapter
+      weightsteer inspect ./honest-adapter --base ./Llama-3.2-1B --json
+    """
+    report = inspect(adapter, base)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
 
 
 @main.command()

@@ -39,12 +39,38 @@ FAMILIES = {
     "POLY": "poly:Poly",
 }
 
+_VIRTUAL_TOKENS = (
+    "{name} adds learned virtual tokens in front of the input; it changes no weight, so there is nothing to bake "
+    "into the model. Keep using it as a prompt prefix (PEFT at runtime)."
+)
+# Types that are not weight changes, with the reason a user is given.
+REFUSED = {
+    "PROMPT_TUNING": _VIRTUAL_TOKENS.format(name="Prompt tuning"),
+    "P_TUNING": _VIRTUAL_TOKENS.format(name="P-tuning"),
+    "MULTITASK_PROMPT_TUNING": _VIRTUAL_TOKENS.format(name="Multitask prompt tuning"),
+    "CPT": _VIRTUAL_TOKENS.format(name="CPT (context-aware prompt tuning)"),
+    "PREFIX_TUNING": (
+        "Prefix tuning adds learned keys and values that every token attends to; attention over extra positions "
+        "is not expressible as a weight change. Keep it as a runtime adapter."
+    ),
+    "ADAPTION_PROMPT": (
+        "Adaption prompt adds a gated attention term over learned prompts that depends on each token's query; "
+        "it cannot be folded into weights (its gate is a runtime-only strength)."
+    ),
+    "XLORA": (
+        "X-LoRA mixes its LoRA experts with weights that change per token, so no single weight matrix reproduces "
+        "it. Merge one expert instead (pass its sub-folder, e.g. ADAPTER/0, as the adapter), at the coeff you want."
+    ),
+}
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def family_for(peft_type: str) -> AdapterFamily:
     """The family object for a PEFT type name (e.g. "LORA")."""
+    if peft_type in REFUSED:
+        raise UnsupportedAdapterError(f"Cannot merge a {peft_type} adapter: {REFUSED[peft_type]}")
     if peft_type not in FAMILIES:
         known = ", ".join(sorted(FAMILIES))
         raise UnsupportedAdapterError(f"Unknown or unsupported adapter type {peft_type!r}. weightsteer merges: {known}.")

@@ -1,0 +1,106 @@
+"""`inspect`: what an adapter is, how weightsteer reads its coeff, and how much it changes a base."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapters import CONFIG_NAME, REFUSED, family_for, load_adapter
+from .adapters.base import split_keys
+from .checkpoint import Checkpoint
+from .errors import AdapterError, UnsupportedAdapterError
+from .hub import resolve
+from .planner import plan_merge
+
+
+@dataclass
+class TensorChange:
+    """One base tensor the adapter changes, and by how much at coeff 1 (default scheme)."""
+
+    name: str
+    shape: tuple[int, ...]
+    relative_change: float  # ‖W₁ − W‖ / ‖W‖
+
+
+@dataclass
+class AdapterReport:
+    path: str
+    adapter_type: str
+    merge: str  # "exact", "fixed task" or "refused"
+    reason: str = ""
+    base_model: str | None = None
+    targets: list[str] = field(default_factory=list)
+    rank: object = None
+    rank_pattern: dict = field(default_factory=dict)
+    parameters: int = 0
+    scheme: dict = field(default_factory=dict)
+    changes: list[TensorChange] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def inspect(adapter: str | Path, base: str | Path | None = None) -> AdapterReport:
+    """Describe an adapter; with `base`, also measure ‖ΔW‖/‖W‖ per changed tensor at coeff 1."""
+    folder = resolve(str(adapter), "adapter")
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise AdapterError(f"{folder} has no {CONFIG_NAME}; pass the folder PEFT's save_pretrained wrote.")
+    config = json.loads(config_path.read_text())
+    peft_type = config.get("peft_type", "?")
+    report = AdapterReport(str(adapter), peft_type, "refused", base_model=config.get("base_model_name_or_path"))
+    try:
+        family = family_for(peft_type)
+    except UnsupportedAdapterError as e:
+        report.reason = REFUSED.get(peft_type, str(e))
+        return report
+    loaded = load_adapter(folder)
+    report.merge = "fixed task" if peft_type == "POLY" else "exact"
+    report.reason = "one task id per merged model (--task-id)" if peft_type == "POLY" else "closed-form weight change"
+    report.rank = config.get("r")
+    report.rank_pattern = config.get("rank_pattern") or {}
+    report.parameters = sum(t.numel() for t in loaded.tensors.values())
+    modules, replaced, _ = split_keys(loaded.tensors, family.tokens, family.shared_tokens)
+    report.targets = sorted([*modules, *replaced])
+    default = family.scheme(None)
+    report.scheme = {"name": default.name, "formula": default.formula, "meaning": default.meaning}
+    if base is not None:
+        report.changes = _changes(loaded, Checkpoint(resolve(str(base), "base")), default)
+    return report
+
+
+def _changes(adapter, checkpoint: Checkpoint, scheme) -> list[TensorChange]:
+    plan = plan_merge(checkpoint, adapter, scheme, options={"task_id": 0})
+    changes = []
+    for tensor in plan.edited:
+        weight = checkpoint.read(tensor.source.name).float()
+        delta = tensor.edit(weight, scheme, 1.0) - weight
+        norm = float(torch.linalg.vector_norm(weight))
+        changes.append(TensorChange(tensor.name, tensor.shape, float(torch.linalg.vector_norm(delta)) / norm if norm else math.inf))
+    return changes
+
+
+def format_report(report: AdapterReport) -> str:
+    lines = [
+        f"adapter     {report.path}",
+        f"type        {report.adapter_type}",
+        f"merge       {report.merge}: {report.reason}",
+    ]
+    if report.merge == "refused":
+        return "\n".join(lines)
+    lines += [
+        f"base model  {report.base_model}",
+        f"rank        {report.rank}" + (f" (pattern {report.rank_pattern})" if report.rank_pattern else ""),
+        f"parameters  {report.parameters:,}",
+        f"targets     {len(report.targets)} modules",
+        f"coeff       scheme {report.scheme['name']}: {report.scheme['formula']}  ({report.scheme['meaning']})",
+    ]
+    if report.changes:
+        width = max(len(c.name) for c in report.changes)
+        lines += ["", f"{'tensor'.ljust(width)}  shape          ‖ΔW‖/‖W‖ at c=1"]
+        lines += [f"{c.name.ljust(width)}  {str(tuple(c.shape)).ljust(13)}  {c.relative_change:.3e}" for c in report.changes]
+    return "\n".join(lines)
