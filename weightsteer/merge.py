@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -14,15 +16,14 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import Adapter, load_adapter
-from .card import write_card
+from .card import base_license, write_card
 from .checkpoint import DTYPES, Checkpoint, ShardWriter
 from .errors import AdapterError, BaseModelError, SchemeError
-from .hub import resolve
-from .outputs import check_output, copy_support_files, publish, remove_quietly, staging_dir, write_index
+from .hub import resolve, snapshot_revision
+from .outputs import PROVENANCE_NAME, check_output, copy_support_files, publish, remove_quietly, staging_dir, write_index
 from .planner import MergePlan, OutputTensor, plan_merge
 
 PathLike = str | os.PathLike
-PROVENANCE_NAME = "weightsteer.json"
 ROUNDING_WARN_SHARE = 0.25
 
 
@@ -36,11 +37,14 @@ class RoundingReport:
     error_norm_sq: float = 0.0  # ‖round(W') − W'‖² over changed tensors
 
     def add(self, base: torch.Tensor, target: torch.Tensor, rounded: torch.Tensor, base_rounded: torch.Tensor) -> None:
-        changed = target != base
-        self.changed += int(changed.sum())
-        self.swallowed += int((changed & (rounded == base_rounded)).sum())
-        self.change_norm_sq += float(torch.sum((target - base).double() ** 2))
-        self.error_norm_sq += float(torch.sum((rounded.float() - target).double() ** 2))
+        diff = (target - base).reshape(-1)
+        error = (rounded.float() - target).reshape(-1)
+        changed = int(torch.count_nonzero(diff))
+        # An element that kept a change after rounding was changed, so the two counts nest.
+        self.changed += changed
+        self.swallowed += changed - int(torch.count_nonzero(rounded != base_rounded))
+        self.change_norm_sq += float(torch.dot(diff, diff))
+        self.error_norm_sq += float(torch.dot(error, error))
 
     @property
     def swallowed_share(self) -> float:
@@ -69,6 +73,7 @@ class MergeResult:
     changed_tensors: list[str] = field(default_factory=list)
     rounding: RoundingReport = field(default_factory=RoundingReport)
     warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # read / compute / write, shared by one run
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -144,7 +149,7 @@ def merge_many(
     try:
         _stream(plan, results, stagings, torch.device(device or "cpu"), progress)
         for result, staging in zip(results, stagings):
-            _finish(plan, loaded, str(adapter), str(base_ref), result, staging)
+            _finish(plan, loaded, str(adapter), str(base_ref), result, staging, results)
         for result, staging in zip(results, stagings):
             publish(staging, result.path)
     finally:
@@ -169,12 +174,27 @@ def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[names[dtype]]
 
 
+class _PhaseClock:
+    """Seconds spent per phase (read / compute / write), for the report and the benchmark."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {"read": 0.0, "compute": 0.0, "write": 0.0}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+
 def _stream(plan: MergePlan, results: Sequence[MergeResult], stagings: Sequence[Path], device: torch.device, progress: bool) -> None:
     total = sum(t.source.nbytes for tensors in plan.shards.values() for t in tensors)
-    for tensors in plan.shards.values():
-        for tensor in tensors:
-            if tensor.edit is not None:
-                tensor.edit.to(device)
+    moved: dict[int, torch.Tensor] = {}
+    for tensor in plan.edited:
+        tensor.edit.to(device, moved)
+    clock = _PhaseClock()
     with tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress) as bar:
         for shard, tensors in plan.shards.items():
             layout = [(t.name, t.dtype, t.shape) for t in tensors]
@@ -182,7 +202,7 @@ def _stream(plan: MergePlan, results: Sequence[MergeResult], stagings: Sequence[
             writers = [ShardWriter(staging / shard, layout, metadata) for staging in stagings]
             try:
                 for tensor in tensors:
-                    _write_tensor(plan, tensor, writers, results, device)
+                    _write_tensor(plan, tensor, writers, results, device, clock)
                     bar.update(tensor.source.nbytes)
             except BaseException:
                 for writer in writers:
@@ -190,38 +210,59 @@ def _stream(plan: MergePlan, results: Sequence[MergeResult], stagings: Sequence[
                 raise
             for writer in writers:
                 writer.close()
+    for result in results:
+        result.seconds = dict(clock.seconds)
 
 
-def _write_tensor(plan: MergePlan, tensor: OutputTensor, writers: Sequence[ShardWriter], results: Sequence[MergeResult], device: torch.device) -> None:
+def _write_tensor(
+    plan: MergePlan,
+    tensor: OutputTensor,
+    writers: Sequence[ShardWriter],
+    results: Sequence[MergeResult],
+    device: torch.device,
+    clock: _PhaseClock,
+) -> None:
     dtype = DTYPES[tensor.dtype]
-    copies_bytes = tensor.dtype == tensor.source.dtype
     needs_compute = tensor.edit is not None and any(not _is_base(plan, r.coeff) for r in results)
-    if not needs_compute and copies_bytes:
-        for writer in writers:
-            writer.copy(tensor.name, tensor.source)
+    if not needs_compute and tensor.dtype == tensor.source.dtype:
+        with clock("write"):
+            for writer in writers:
+                writer.copy(tensor.name, tensor.source)
         return
-    stored = plan.checkpoint.read(tensor.source.name)
-    base = stored.to(device=device, dtype=torch.float32)
-    base_rounded = stored.to(device=device, dtype=dtype)
+    with clock("read"):
+        stored = plan.checkpoint.read(tensor.source.name)
+    with clock("compute"):
+        base = stored.to(device=device, dtype=torch.float32)
+        base_rounded = stored.to(device=device, dtype=dtype)
     for writer, result in zip(writers, results):
-        if tensor.edit is None or _is_base(plan, result.coeff):
-            writer.write(tensor.name, base_rounded)
-            continue
-        target = tensor.edit(base, plan.scheme, result.coeff)
-        if not torch.isfinite(target).all():
-            raise AdapterError(f"Merging {tensor.name} at coeff {result.coeff} gives NaN or inf; check the adapter and coeff.")
-        rounded = target.to(dtype)
-        if not torch.equal(target, base):
-            result.changed_tensors.append(tensor.name)
-        result.rounding.add(base, target, rounded, base_rounded)
-        writer.write(tensor.name, rounded)
+        output = base_rounded
+        if tensor.edit is not None and not _is_base(plan, result.coeff):
+            with clock("compute"):
+                output = _merged(tensor, base, base_rounded, plan, result)
+        with clock("write"):
+            writer.write(tensor.name, output)
+
+
+def _merged(tensor: OutputTensor, base: torch.Tensor, base_rounded: torch.Tensor, plan: MergePlan, result: MergeResult) -> torch.Tensor:
+    """The edited tensor at result.coeff, rounded once to the output dtype; updates the report."""
+    target = tensor.edit(base, plan.scheme, result.coeff)
+    rounded = target.to(base_rounded.dtype)
+    before = result.rounding.changed
+    result.rounding.add(base, target, rounded, base_rounded)
+    if not math.isfinite(result.rounding.change_norm_sq):
+        raise AdapterError(f"Merging {tensor.name} at coeff {result.coeff} gives NaN or inf; check the adapter and coeff.")
+    if result.rounding.changed > before:
+        result.changed_tensors.append(tensor.name)
+    return rounded
 
 
 def _is_base(plan: MergePlan, coeff: float) -> bool:
     return coeff == 0 and plan.scheme.base_at_zero
 
 
-def _finish(plan: MergePlan, adapter: Adapter, adapter_ref: str, base_ref: str, result: MergeResult, staging: Path) -> None:
+def _finish(
+    plan: MergePlan, adapter: Adapter, adapter_ref: str, base_ref: str, result: MergeResult, staging: Path, results: Sequence[MergeResult]
+) -> None:
     if not result.changed_tensors and result.coeff != 0:
         raise AdapterError(
             f"Merging {adapter_ref} at coeff {result.coeff} changes no tensor: every delta is zero. "
@@ -241,12 +282,15 @@ def _finish(plan: MergePlan, adapter: Adapter, adapter_ref: str, base_ref: str, 
     provenance = {
         "weightsteer_version": __version__,
         "adapter": adapter_ref,
+        "adapter_revision": snapshot_revision(adapter.path),
         "adapter_type": adapter.peft_type,
         "base_model": base_ref,
+        "base_license": base_license(plan.checkpoint.root),
         "coeff": result.coeff,
         "scheme": {"name": plan.scheme.name, "formula": plan.scheme.formula},
         "config_patch": plan.config_patch,
         "result": result.to_dict() | {"path": None},
+        "siblings": [{"coeff": r.coeff, "name": r.path.name} for r in results if r is not result],
     }
     (staging / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
-    write_card(staging, provenance, result.path.name)
+    write_card(staging, title=result.path.name)

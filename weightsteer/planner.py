@@ -32,11 +32,18 @@ class Edit:
     part: str = "weight"  # "weight", "bias" or "replace"
     trained: torch.Tensor | None = None  # the stored tensor, for part == "replace"
 
-    def to(self, device: torch.device) -> None:
+    def to(self, device: torch.device, moved: dict[int, torch.Tensor]) -> None:
+        """Move the adapter tensors; `moved` (by id) keeps one copy of tensors shared across modules."""
+
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            if id(tensor) not in moved:
+                moved[id(tensor)] = tensor.to(device)
+            return moved[id(tensor)]
+
         if self.trained is not None:
-            self.trained = self.trained.to(device)
+            self.trained = move(self.trained)
         if self.state is not None:
-            self.state.tensors = {name: t.to(device) for name, t in self.state.tensors.items()}
+            self.state.tensors = {name: move(t) for name, t in self.state.tensors.items()}
 
     def __call__(self, base: torch.Tensor, scheme: Scheme, c: float) -> torch.Tensor:
         if self.part == "replace":

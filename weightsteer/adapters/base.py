@@ -163,7 +163,12 @@ class ShapeLookup:
         self.shapes = shapes
 
     def weight(self, path: str) -> tuple[int, ...] | None:
-        return self.shapes.get(path + ".weight")
+        """The base weight's stored shape; checkpoints may drop or add a leading prefix, as the planner allows."""
+        name = path + ".weight"
+        if name in self.shapes:
+            return self.shapes[name]
+        candidates = [n for n in self.shapes if name.endswith("." + n) or n.endswith("." + name)]
+        return self.shapes[candidates[0]] if len(candidates) == 1 else None
 
 
 # ---- helpers shared by the family modules -----------------------------------------------------

@@ -1,0 +1,88 @@
+"""VeRA family: saved and regenerated projections, Llama, Qwen2 (biases), GPT-2 Conv1D, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, VeraConfig
+from safetensors.torch import load_file, save_file
+
+import weightsteer
+from conftest import assert_base_identical, assert_matches_runtime, load_base, make_adapter
+from weightsteer.adapters import load_adapter
+from weightsteer.adapters.base import ShapeLookup
+
+COEFFS = (-1, -0.5, 0, 0.5, 1, 2)
+ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GPT2_ALL = ["c_attn", "c_proj", "c_fc"]
+WEIGHTS = "adapter_model.safetensors"
+
+
+@pytest.mark.parametrize("scheme", [None, "delta", "knob:vera_lambda_d"])
+def test_vera_llama_saved_projections(bases, tmp_path, scheme):
+    config = VeraConfig(r=8, target_modules=ATTN_MLP, save_projection=True)
+    adapter = make_adapter(bases("llama"), tmp_path / "a", config)
+    assert "base_model.vera_A" in load_file(adapter / WEIGHTS)
+    assert_matches_runtime(bases("llama"), adapter, tmp_path, COEFFS, scheme)
+
+
+@pytest.mark.parametrize("scheme", [None, "delta", "knob:vera_lambda_b"])
+def test_vera_qwen2_regenerated_biases_untouched(bases, tmp_path, scheme):
+    config = VeraConfig(r=8, target_modules=ATTN_MLP, save_projection=False, projection_prng_key=7)
+    adapter = make_adapter(bases("qwen2"), tmp_path / "a", config)
+    assert_matches_runtime(bases("qwen2"), adapter, tmp_path, COEFFS, scheme)
+    out = weightsteer.merge(adapter, tmp_path / "m", coeff=1)
+    merged, base = load_file(out / "model.safetensors"), load_file(bases("qwen2") / "model.safetensors")
+    biases = [name for name in base if name.endswith(".bias")]
+    assert biases and all(torch.equal(merged[n], base[n]) for n in biases)
+
+
+@pytest.mark.parametrize("scheme", [None, "delta", "knob:vera_lambda_d"])
+def test_vera_conv1d_gpt2_regenerated(bases, tmp_path, scheme):
+    config = VeraConfig(r=8, target_modules=GPT2_ALL, fan_in_fan_out=True, save_projection=False, projection_prng_key=3)
+    adapter = make_adapter(bases("gpt2"), tmp_path / "a", config)
+    assert not any(k.startswith("base_model.vera_") for k in load_file(adapter / WEIGHTS))
+    assert_matches_runtime(bases("gpt2"), adapter, tmp_path, COEFFS, scheme)
+
+
+@pytest.mark.parametrize("arch, targets", [("gpt2", ["c_attn", "c_fc"]), ("llama", ["k_proj", "down_proj"])])
+def test_regenerated_projections_equal_peft(bases, tmp_path, arch, targets):
+    """Bit for bit what PEFT draws: sized by the largest (out, in) over all targeted layers, Conv1D transposed."""
+    config = VeraConfig(r=6, target_modules=targets, fan_in_fan_out=arch == "gpt2", save_projection=False)
+    adapter_path = make_adapter(bases(arch), tmp_path / "a", config)
+    adapter = load_adapter(adapter_path)
+    shapes = ShapeLookup({k: tuple(v.shape) for k, v in load_file(bases(arch) / "model.safetensors").items()})
+    state = adapter.modules(shapes)[0]
+    peft_model = PeftModel.from_pretrained(load_base(bases(arch)), adapter_path)
+    for name in ("vera_A", "vera_B"):
+        assert torch.equal(state.tensors[name], getattr(peft_model.base_model, name)["default"]), name
+
+
+def test_coeff_zero_is_base_bit_for_bit(bases, tmp_path):
+    adapter = make_adapter(bases("llama:sharded"), tmp_path / "a", VeraConfig(r=8, target_modules=ATTN_MLP))
+    out = weightsteer.merge(adapter, tmp_path / "zero", coeff=0)
+    assert_base_identical(bases("llama:sharded"), out)
+
+
+def test_wrong_lambda_b_length_is_refused(bases, tmp_path):
+    adapter = make_adapter(bases("llama"), tmp_path / "a", VeraConfig(r=8, target_modules=["q_proj", "k_proj"]))
+    tensors = load_file(adapter / WEIGHTS)
+    key = next(k for k in tensors if k.endswith("layers.0.self_attn.k_proj.vera_lambda_b"))
+    tensors[key] = torch.cat([tensors[key], tensors[key]])
+    save_file(tensors, adapter / WEIGHTS)
+    with pytest.raises(weightsteer.AdapterError, match=r"layers\.0\.self_attn\.k_proj: output features"):
+        weightsteer.merge(adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsized_module_without_projections_is_refused(bases, tmp_path):
+    config = VeraConfig(r=8, target_modules=["q_proj"], save_projection=False)
+    adapter = make_adapter(bases("llama"), tmp_path / "a", config)
+    tensors = {k.replace("layers.1.", "layers.9."): v for k, v in load_file(adapter / WEIGHTS).items()}
+    save_file(tensors, adapter / WEIGHTS)
+    message = r"layers\.9\.self_attn\.q_proj: the base has no .*projection_prng_key"
+    with pytest.raises(weightsteer.AdapterError, match=message):
+        weightsteer.merge(adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

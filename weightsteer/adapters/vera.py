@@ -1,0 +1,127 @@
+"""VeRA: frozen random projections shared by all layers, scaled by two trained vectors per layer.
+
+PEFT forward (peft/tuners/vera/layer.py, Linear.forward / get_delta_weight):
+  y = W x + b + λ_b ⊙ (B_s (λ_d ⊙ (A_s x))),   A_s = vera_A[:, :in],  B_s = vera_B[:out, :]
+so W' = W + diag(λ_b) B_s diag(λ_d) A_s; the bias is untouched. vera_A (r × max_in) and vera_B
+(max_out × r) are saved once at base_model.vera_A/B, or, with save_projection=False, regenerated
+from projection_prng_key (peft/tuners/vera/model.py, VeraModel._init_vera_A_vera_B).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+
+from ..errors import AdapterError
+from .base import AdapterFamily, ModuleState, Scheme, ShapeLookup, require, shape_error, split_keys
+
+LAMBDAS = ("vera_lambda_b", "vera_lambda_d")
+PROJECTIONS = ("vera_A", "vera_B")
+
+
+def _scale_lambda_b(state: ModuleState, c: float) -> ModuleState:
+    # ΔW is linear in λ_b, whose no-op value is 0: λ_b(c) = c·λ_b gives W + c·ΔW.
+    return state.with_tensors(vera_lambda_b=c * state.tensors["vera_lambda_b"])
+
+
+class VeRA(AdapterFamily):
+    name = "VeRA"
+    peft_types = ("VERA",)
+    tokens = LAMBDAS
+    shared_tokens = PROJECTIONS
+    schemes = {
+        "linear": Scheme(
+            "linear",
+            "λ_b → c·λ_b",
+            "0: base · 1: trained · −1: W − ΔW",
+            _scale_lambda_b,
+        ),
+    }
+
+    def parse(self, config, tensors, base_shapes, options):
+        modules, _, shared = split_keys(tensors, self.tokens, self.shared_tokens)
+        fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+        for path, params in modules.items():
+            require(params, path, *self.tokens)
+        if modules and not all(name in shared for name in PROJECTIONS):
+            # PEFT always draws the projections at injection, then loads whatever the file stores over them.
+            shared = {**_regenerate(config, modules, base_shapes, fan_in_fan_out), **shared}
+        # Every state refers to the same shared tensors; weight() slices them per module.
+        return [
+            ModuleState(path, {**params, **shared}, fan_in_fan_out=fan_in_fan_out) for path, params in modules.items()
+        ]
+
+    def check_shapes(self, state, weight_shape, bias_shape):
+        out_features, in_features = weight_shape
+        lambda_b, lambda_d = state.tensors["vera_lambda_b"], state.tensors["vera_lambda_d"]
+        vera_a, vera_b = state.tensors["vera_A"], state.tensors["vera_B"]
+        if lambda_b.numel() != out_features:
+            raise shape_error(state.path, "output features (length of vera_lambda_b)", lambda_b.numel(), out_features)
+        if vera_a.shape[1] < in_features or vera_b.shape[0] < out_features:
+            raise shape_error(
+                state.path,
+                "the shared projections vera_A/vera_B must cover the layer's (out, in)",
+                f"at most ({vera_b.shape[0]}, {vera_a.shape[1]})",
+                (out_features, in_features),
+            )
+        if not lambda_d.numel() == vera_a.shape[0] == vera_b.shape[1]:
+            raise AdapterError(
+                f"VeRA module {state.path}: vera_lambda_d has length {lambda_d.numel()} but the shared projections "
+                f"have rank {vera_a.shape[0]} (vera_A) and {vera_b.shape[1]} (vera_B); the adapter file is "
+                "inconsistent."
+            )
+
+    def weight(self, state, weight):
+        out_features, in_features = weight.shape
+        sliced_a = state.tensors["vera_A"][:, :in_features]
+        sliced_b = state.tensors["vera_B"][:out_features, :]
+        lambda_b = state.tensors["vera_lambda_b"].unsqueeze(1)
+        lambda_d = state.tensors["vera_lambda_d"].unsqueeze(1)
+        return weight + (lambda_b * sliced_b) @ (lambda_d * sliced_a)
+
+    # ---- runtime ---------------------------------------------------------------------------------
+    def live_state(self, layer, adapter, path):
+        tensors = {name: getattr(layer, name)[adapter].detach().clone() for name in LAMBDAS}
+        # The projections are shared buffers that no scheme changes: referenced, not copied.
+        tensors.update({name: getattr(layer, name)[adapter] for name in PROJECTIONS})
+        return ModuleState(path, tensors, fan_in_fan_out=layer.fan_in_fan_out)
+
+    def set_live_state(self, layer, adapter, state):
+        for name in LAMBDAS:
+            getattr(layer, name)[adapter].data.copy_(state.tensors[name])
+
+
+def _regenerate(
+    config: dict, modules: Mapping[str, Mapping[str, torch.Tensor]], base_shapes: ShapeLookup, fan_in_fan_out: bool
+) -> dict[str, torch.Tensor]:
+    """vera_A, vera_B as VeraModel._init_vera_A_vera_B draws them: sized by the largest (out, in) over all
+    adapted modules (VeraModel._find_dim), from a CPU generator seeded with projection_prng_key, A first."""
+    shapes = [_linear_shape(base_shapes, path, fan_in_fan_out) for path in modules]
+    max_out = max(out for out, _ in shapes)
+    max_in = max(in_ for _, in_ in shapes)
+    rank = next(iter(modules.values()))["vera_lambda_d"].numel()
+    generator = torch.Generator(device="cpu").manual_seed(int(config.get("projection_prng_key", 0)))
+    vera_a = _kaiming_uniform((rank, max_in), generator)
+    vera_b = _kaiming_uniform((max_out, rank), generator)
+    return {"vera_A": vera_a, "vera_B": vera_b}
+
+
+def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """peft/tuners/vera/model.py `_kaiming_init`: U(±√3·√2/√fan_in), fan_in = shape[1]; same float steps."""
+    std = math.sqrt(2) / math.sqrt(shape[1])
+    bound = math.sqrt(3.0) * std
+    return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+
+
+def _linear_shape(base_shapes: ShapeLookup, path: str, fan_in_fan_out: bool) -> tuple[int, int]:
+    shape = base_shapes.weight(path)
+    if shape is None or len(shape) != 2:
+        raise AdapterError(
+            f"VeRA module {path}: the base has no 2-D tensor {path}.weight. This adapter was saved without its "
+            "projections (save_projection=False); they are regenerated from projection_prng_key and sized by the "
+            "base layers, so the base must be the model the adapter was trained on."
+        )
+    # Conv1D (fan_in_fan_out) stores its weight as in × out.
+    return (shape[1], shape[0]) if fan_in_fan_out else (shape[0], shape[1])
