@@ -178,3 +178,9 @@ def test_dtype_override_converts_and_patches_config(bases, lora, tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     expected = runtime_logits(bases("llama:sharded"), lora, 1)
     assert (model_logits(out) - expected).abs().max() < 2e-2  # fp16 weights vs fp32 runtime
+
+
+def test_task_id_is_refused_for_non_poly(lora, tmp_path):
+    with pytest.raises(weightsteer.SchemeError, match="--task-id applies to Poly"):
+        weightsteer.merge(lora, tmp_path / "out", task_id=1)
+    assert not (tmp_path / "out").exists()

@@ -140,6 +140,8 @@ def merge_many(
     checkpoint = Checkpoint(resolve(str(base_ref), "base"))
     chosen = loaded.family.scheme(scheme)
     options = {"task_id": task_id} if task_id is not None else {}
+    if task_id is not None and "task_id" not in loaded.family.options:
+        raise SchemeError(f"--task-id applies to Poly adapters only; {loaded.path} is a {loaded.peft_type} adapter.")
     plan = plan_merge(checkpoint, loaded, chosen, _torch_dtype(dtype), options)
     results = [MergeResult(path, c, chosen.name, loaded.peft_type) for c, path in targets.items()]
     for result in results:

@@ -12,6 +12,8 @@ from .adapters import family_for
 from .adapters.base import MODEL_PREFIX, Scheme
 from .errors import SchemeError
 
+PEFT_ONLY_KWARGS = ("task_ids", "adapter_names")  # tuner-layer arguments the wrapped base layer does not take
+
 
 @contextmanager
 def scaled(model: torch.nn.Module, coeff: float, *, scheme: str | None = None, adapter: str | None = None) -> Iterator[torch.nn.Module]:
@@ -64,7 +66,8 @@ def _delta_hook(module: torch.nn.Module, coeff: float):
     """y = y_base + c·(y_adapted − y_base): the output of W + c(W₁ − W), since a layer is affine in W."""
 
     def hook(layer, args, kwargs, output):
-        base = layer.get_base_layer()(*args, **kwargs)
+        base_kwargs = {k: v for k, v in kwargs.items() if k not in PEFT_ONLY_KWARGS}
+        base = layer.get_base_layer()(*args, **base_kwargs)
         return base + coeff * (output - base)
 
     handle = module.register_forward_hook(hook, with_kwargs=True)

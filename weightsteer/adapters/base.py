@@ -72,6 +72,18 @@ def linear_from(identity: float, c: float, value: torch.Tensor) -> torch.Tensor:
     return identity + c * (value - identity)
 
 
+def toward(base: torch.Tensor, trained: torch.Tensor, mix: float) -> torch.Tensor:
+    """base + mix·(trained − base), and the trained tensor itself at mix = 1 (bit for bit)."""
+    if mix == 1.0:
+        return trained
+    return base + mix * (trained - base)
+
+
+def scale_mix(state: ModuleState, c: float) -> ModuleState:
+    """The linear scheme for stored-whole tensors: mix → c·mix (mix = 1 as trained)."""
+    return state.with_scalars(mix=c * state.scalars["mix"])
+
+
 class AdapterFamily:
     """Base class for one PEFT adapter family. Subclasses fill in the class attributes and methods."""
 
@@ -81,6 +93,7 @@ class AdapterFamily:
     shared_tokens: ClassVar[tuple[str, ...]] = ()  # tensors saved once at base_model.<name>
     schemes: ClassVar[dict[str, Scheme]]
     knobs: ClassVar[tuple[str, ...]] = ()  # scalars that `knob:<name>` may scale besides tensors
+    options: ClassVar[tuple[str, ...]] = ()  # merge options the family reads, e.g. ("task_id",)
 
     # ---- parsing -------------------------------------------------------------------------------
     def parse(

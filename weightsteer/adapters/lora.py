@@ -4,6 +4,8 @@ PEFT forward (peft/tuners/lora/layer.py):
   Linear     y = W x + b + s·B A x (+ s·b_B with lora_bias),  s = α/r or α/√r (rsLoRA)
   Embedding  e = E[t] + s·B_e A_e[:, t]   (both sides times embed_scale, so it factors out)
   DoRA       y = diag(m / ‖W + sBA‖_row)(W + sBA) x + b
+  trainable_token_indices: rows of an embedding retrained whole, saved as
+             `<embedding>.token_adapter.trainable_tokens_delta`; merged as TrainableTokens rows.
 """
 
 from __future__ import annotations
@@ -13,12 +15,26 @@ import math
 import torch
 
 from ..errors import AdapterError, UnsupportedAdapterError
-from .base import AdapterFamily, ModuleState, Scheme, pattern_value, require, shape_error, split_keys
+from .base import AdapterFamily, ModuleState, Scheme, pattern_value, require, scale_mix, shape_error, split_keys, toward
+
+from .trainable_tokens import (
+    ROWS,
+    check_token_shapes,
+    config_token_indices,
+    live_token_state,
+    merged_rows,
+    set_live_token_state,
+    token_state,
+)
 
 RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
+LORA_TOKENS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+TOKEN_ROWS = "token_adapter.trainable_tokens_delta"  # TrainableTokensWrapper.adapter_state_dict (peft/utils/other.py)
 
 
 def _scale(state: ModuleState, c: float) -> ModuleState:
+    if ROWS in state.tensors:  # trainable_token_indices rows: E[idx] + c(new − E[idx])
+        return scale_mix(state, c)
     # DoRA: m(c) = ‖W‖_row + c(m − ‖W‖_row); the row norm needs W, so the mix is applied in weight().
     return state.with_scalars(scaling=c * state.scalars["scaling"], magnitude_mix=c * state.scalars.get("magnitude_mix", 1.0))
 
@@ -26,12 +42,12 @@ def _scale(state: ModuleState, c: float) -> ModuleState:
 class LoRA(AdapterFamily):
     name = "LoRA"
     peft_types = ("LORA",)
-    tokens = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    tokens = (*LORA_TOKENS, TOKEN_ROWS)
     knobs = ("scaling",)
     schemes = {
         "linear": Scheme(
             "linear",
-            "scale → c·scale (DoRA also m → ‖W‖ + c(m − ‖W‖))",
+            "scale → c·scale (DoRA also m → ‖W‖ + c(m − ‖W‖); trainable tokens E[idx] + c(new − E[idx]))",
             "0: base · 1: trained · −1: W − sBA (DoRA: not an inverse)",
             _scale,
         ),
@@ -50,6 +66,10 @@ class LoRA(AdapterFamily):
         rslora = bool(config.get("use_rslora", False))
         states = []
         for path, params in modules.items():
+            if TOKEN_ROWS in params:
+                states.append(token_state(path, params.pop(TOKEN_ROWS), _token_indices(config, path)))
+            if not params:
+                continue
             embedding = "lora_embedding_A" in params
             a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
             require(params, path, a_name, b_name)
@@ -71,7 +91,17 @@ class LoRA(AdapterFamily):
             )
         return states
 
+    def knob_names(self):
+        return (*LORA_TOKENS, *self.knobs)  # token rows are a replacement: knobs leave them as trained
+
+    def tied_head_follows(self, config):
+        # With trainable_token_indices PEFT ties the head's token adapter to the embedding's
+        # (peft/utils/other.py, should_apply_tying); rows saved for the head as well mean it was not tied.
+        return bool(config.get("ensure_weight_tying")) or config.get("trainable_token_indices") is not None
+
     def check_shapes(self, state, weight_shape, bias_shape):
+        if ROWS in state.tensors:
+            return check_token_shapes(state, weight_shape)
         a, b = _factors(state)
         expected = (a.shape[1], b.shape[0]) if state.layer == "embedding" else (b.shape[0], a.shape[1])
         if tuple(weight_shape) != expected:
@@ -83,6 +113,8 @@ class LoRA(AdapterFamily):
             )
 
     def weight(self, state, weight):
+        if ROWS in state.tensors:
+            return merged_rows(state, weight)
         a, b = _factors(state)
         delta = state.scalars["scaling"] * (b @ a)
         merged = weight + (delta.T if state.layer == "embedding" else delta)
@@ -101,6 +133,8 @@ class LoRA(AdapterFamily):
 
     # ---- runtime ---------------------------------------------------------------------------------
     def live_state(self, layer, adapter, path):
+        if hasattr(layer, "trainable_tokens_delta"):  # the TrainableTokensLayer inside TrainableTokensWrapper
+            return live_token_state(layer, adapter, path)
         if adapter in layer.lora_embedding_A:
             tensors = {"lora_embedding_A": layer.lora_embedding_A[adapter], "lora_embedding_B": layer.lora_embedding_B[adapter]}
         else:
@@ -114,6 +148,8 @@ class LoRA(AdapterFamily):
         return ModuleState(path, tensors, {"scaling": layer.scaling[adapter]}, layer=kind)
 
     def set_live_state(self, layer, adapter, state):
+        if ROWS in state.tensors:
+            return set_live_token_state(layer, adapter, state)
         layer.scaling[adapter] = state.scalars["scaling"]
         params = {
             "lora_embedding_A": lambda: layer.lora_embedding_A[adapter],
@@ -132,6 +168,18 @@ class LoRA(AdapterFamily):
             dora._cache_clear()
 
 
+def _token_indices(config: dict, path: str) -> list[int]:
+    """trainable_token_indices: a list (for the input embedding) or {module name: list}, matched as
+    PEFT's _set_trainable does (the module path ends with the name)."""
+    indices = config.get("trainable_token_indices")
+    if isinstance(indices, dict):
+        names = [name for name in indices if path.endswith(name)]
+        if not names:
+            raise AdapterError(f"Adapter stores trainable token rows for {path}, but trainable_token_indices names no such module.")
+        indices = indices[names[0]]
+    return config_token_indices(indices, f"trainable_token_indices for {path}")
+
+
 def _factors(state: ModuleState) -> tuple[torch.Tensor, torch.Tensor]:
     if state.layer == "embedding":
         return state.tensors["lora_embedding_A"], state.tensors["lora_embedding_B"]
@@ -140,9 +188,4 @@ def _factors(state: ModuleState) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _magnitude(state: ModuleState, weight: torch.Tensor) -> torch.Tensor:
     """DoRA magnitude at the state's mix: m(c) = ‖W‖_row + c(m − ‖W‖_row), exactly m at c = 1."""
-    trained = state.tensors["lora_magnitude_vector"]
-    mix = state.scalars.get("magnitude_mix", 1.0)
-    if mix == 1.0:
-        return trained
-    base_norm = torch.linalg.norm(weight, dim=1)
-    return base_norm + mix * (trained - base_norm)
+    return toward(torch.linalg.norm(weight, dim=1), state.tensors["lora_magnitude_vector"], state.scalars.get("magnitude_mix", 1.0))
