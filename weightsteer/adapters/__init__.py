@@ -143,12 +143,14 @@ def scheme_table() -> str:
     """Every family × scheme as a Markdown table (the README's table is generated from this)."""
     rows = ["| adapter | scheme | formula | c = 0 · 1 · −1 | base at c = 0 |", "|---|---|---|---|---|"]
     for family in all_families():
+        default = family.scheme(None).name
         for scheme in family.scheme_rows():
-            default = " (default)" if scheme.name == "linear" else ""
+            marker = " (default)" if scheme.name == default else ""
             zero = "yes" if scheme.base_at_zero else "**no**"
-            rows.append(f"| {family.name} | `{scheme.name}`{default} | {scheme.formula} | {scheme.meaning} | {zero} |")
-        knobs = ", ".join(f"`knob:{k}`" for k in family.knob_names())
-        rows.append(f"| {family.name} | {knobs} | p → c·p for that one parameter | as PEFT computes it | **no** |")
+            rows.append(f"| {family.name} | `{scheme.name}`{marker} | {scheme.formula} | {scheme.meaning} | {zero} |")
+        if family.knob_names():
+            knobs = ", ".join(f"`knob:{k}`" for k in family.knob_names())
+            rows.append(f"| {family.name} | {knobs} | p → c·p for that one parameter | as PEFT computes it | **no** |")
     return "\n".join(rows)
 
 
