@@ -25,3 +25,19 @@ class SchemeError(WeightsteerError):
 
 class OutputError(WeightsteerError):
     """The output location cannot be written (exists already, not writable, ...)."""
+
+
+class VerificationError(WeightsteerError):
+    """A merged checkpoint does not compute what its adapter computes at its coeff, or cannot be checked."""
+
+
+class PushError(WeightsteerError):
+    """Publishing to the Hugging Face Hub is impossible (repo id, token) or failed (network, server)."""
+
+
+class ExportError(WeightsteerError):
+    """An adapter's change cannot be written in the requested form (e.g. a change a LoRA cannot express)."""
+
+
+class ConverterError(WeightsteerError):
+    """An external converter (llama.cpp's convert_hf_to_gguf.py, convert_lora_to_gguf.py) is missing or failed."""

@@ -151,7 +151,7 @@ def merge_many(
     try:
         _stream(plan, results, stagings, torch.device(device or "cpu"), progress)
         for result, staging in zip(results, stagings):
-            _finish(plan, loaded, str(adapter), str(base_ref), result, staging, results)
+            _finish(plan, loaded, str(adapter), str(base_ref), options, result, staging, results)
         for result, staging in zip(results, stagings):
             publish(staging, result.path)
     finally:
@@ -263,7 +263,14 @@ def _is_base(plan: MergePlan, coeff: float) -> bool:
 
 
 def _finish(
-    plan: MergePlan, adapter: Adapter, adapter_ref: str, base_ref: str, result: MergeResult, staging: Path, results: Sequence[MergeResult]
+    plan: MergePlan,
+    adapter: Adapter,
+    adapter_ref: str,
+    base_ref: str,
+    options: Mapping[str, object],
+    result: MergeResult,
+    staging: Path,
+    results: Sequence[MergeResult],
 ) -> None:
     if not result.changed_tensors and result.coeff != 0:
         raise AdapterError(
@@ -287,9 +294,11 @@ def _finish(
         "adapter_revision": snapshot_revision(adapter.path),
         "adapter_type": adapter.peft_type,
         "base_model": base_ref,
+        "base_revision": snapshot_revision(plan.checkpoint.root),
         "base_license": base_license(plan.checkpoint.root),
         "coeff": result.coeff,
         "scheme": {"name": plan.scheme.name, "formula": plan.scheme.formula},
+        "options": dict(options),
         "config_patch": plan.config_patch,
         "result": result.to_dict() | {"path": None},
         "siblings": [{"coeff": r.coeff, "name": r.path.name} for r in results if r is not result],

@@ -13,6 +13,7 @@ from .checkpoint import INDEX_NAME, WEIGHT_FORMATS_REFUSED, Checkpoint
 from .errors import OutputError
 
 CARD_NAME = "README.md"
+PROVENANCE_NAME = "weightsteer.json"
 SKIPPED_DIRS = {".git", ".cache", ".huggingface"}
 
 

@@ -79,7 +79,11 @@ def family_for(peft_type: str) -> AdapterFamily:
 
 
 def all_families() -> list[AdapterFamily]:
-    return [family_for(t) for t in FAMILIES]
+    """One instance per family (BONE reuses MiSS)."""
+    first_type: dict[str, str] = {}
+    for peft_type, target in FAMILIES.items():
+        first_type.setdefault(target, peft_type)
+    return [family_for(t) for t in first_type.values()]
 
 
 @dataclass

@@ -1,0 +1,581 @@
+"""`verify`: prove that a merged checkpoint computes what its adapter computes at its coeff.
+
+Module level (always; streams tensor by tensor, memory about one module): every module the adapter
+adapts is rebuilt alone from the base tensors, wrapped with PEFT, set to coeff with `scaled`, and run
+on random probes next to the same layer holding the merged tensors. The difference must stay within
+what rounding the merged weight to its dtype explains. Tensors the adapter stores whole are compared
+with their value at coeff; every other tensor must equal the base byte for byte.
+
+Model level (`logits=True`): the unmerged model (base + PEFT adapter under `scaled`) and the merged
+model run on prompts, one after the other; logits, KL, top-1 and greedy generations are compared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .adapters import Adapter, load_adapter
+from .adapters.base import MODEL_PREFIX, SHARED_PREFIX, ModuleState, Scheme
+from .checkpoint import DTYPES, FLOAT_CODES, Checkpoint, TensorInfo, read_tensor
+from .errors import AdapterError, UnsupportedAdapterError, VerificationError
+from .hub import resolve
+from .outputs import PROVENANCE_NAME
+from .planner import OutputTensor, plan_merge
+from .runtime import scaled
+
+PathLike = str | os.PathLike
+Prompt = str | Sequence[int]
+Run = tuple[torch.Tensor, list[int]]  # one prompt's logits at every position, and its greedy continuation
+
+PROBES = 8  # random inputs per linear module
+EMBEDDING_CHUNK = 4096  # token ids per embedding batch: every row of an embedding is checked
+ROW_CHUNK = 4096  # weight rows squared at a time when sizing the tolerance
+TOLERANCE_SIGMAS = 4.0  # rounding errors add up like noise: allow 4× their typical size (≈ 7σ)
+FP32_EPS = torch.finfo(torch.float32).eps
+LOGIT_ATOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 0.1, torch.bfloat16: 0.5}
+GREEDY_TOKENS = 16
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "Honesty means",
+    "Here is a short story about a robot who learns to paint:",
+    "def fibonacci(n):",
+)
+DEFAULT_ID_PROMPTS = 4  # random token-id prompts of DEFAULT_ID_LENGTH when the model has no tokenizer
+DEFAULT_ID_LENGTH = 12
+ADAPTER_NAME = "default"
+# Config fields that would make PEFT wrap more than the adapted module, or expect a whole model.
+ISOLATED = {
+    "modules_to_save": None,
+    "trainable_token_indices": None,
+    "bias": "none",
+    "task_type": None,
+    "base_model_name_or_path": None,
+}
+
+
+@dataclass
+class TensorCheck:
+    """One merged tensor against the adapter's own computation at coeff."""
+
+    tensor: str
+    kind: str  # "module": PEFT's forward vs the merged layer; "parameter": a tensor vs its value at coeff
+    max_abs: float  # max |merged − expected| over every probe output (or element)
+    max_rel: float  # max_abs / max |expected|
+    ratio: float  # max over outputs of |error| / tolerance: above 1 fails
+
+    @property
+    def ok(self) -> bool:
+        return self.ratio <= 1
+
+
+@dataclass
+class LogitsCheck:
+    """The unmerged model under `scaled` vs the merged model, on the same prompts."""
+
+    positions: int
+    max_abs: float  # max |Δlogit|
+    kl_mean: float  # KL(unmerged ‖ merged) per position, mean and 95th percentile
+    kl_p95: float
+    top1_agreement: float
+    greedy_agreement: float  # shared prefix of the greedy continuations, as a share of their length
+    atol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs <= self.atol
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` found. `ok` is True when every check passed; `failures` says what did not."""
+
+    merged: Path
+    adapter: str
+    base: str
+    coeff: float
+    scheme: str
+    atol: float | None = None  # None: tolerances from the dtype
+    checks: list[TensorCheck] = field(default_factory=list)
+    untouched: int = 0  # tensors the adapter does not touch, equal to the base
+    changed_untouched: dict[str, float] = field(default_factory=dict)  # ... that differ: max |Δ|
+    missing: list[str] = field(default_factory=list)  # expected tensors absent from the merged checkpoint
+    unexpected: list[str] = field(default_factory=list)  # merged tensors the base does not explain
+    misshapen: dict[str, list[int]] = field(default_factory=dict)  # merged tensors with the wrong shape
+    logits: LogitsCheck | None = None
+
+    @property
+    def failures(self) -> list[str]:
+        limit = "what rounding the merged tensor to its dtype explains" if self.atol is None else f"atol {self.atol:g}"
+        found = [
+            f"{c.tensor}: max |Δ| {c.max_abs:.3g} (relative {c.max_rel:.3g}) is {c.ratio:.3g}× {limit}" for c in self.checks if not c.ok
+        ]
+        found += [
+            f"{n}: differs from the base by up to {d:.3g}, but the adapter does not touch it" for n, d in self.changed_untouched.items()
+        ]
+        found += [f"{n}: missing from the merged checkpoint" for n in self.missing]
+        found += [f"{n}: in the merged checkpoint, but not in the base" for n in self.unexpected]
+        found += [f"{n}: has shape {shape} in the merged checkpoint, unlike the base" for n, shape in self.misshapen.items()]
+        if self.logits is not None and not self.logits.ok:
+            found.append(f"logits: max |Δ| {self.logits.max_abs:.3g} exceeds the tolerance {self.logits.atol:.3g}")
+        return found
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def failure_message(self) -> str:
+        lines = [f"{self.merged} does not match adapter {self.adapter} at coeff {self.coeff:g}:", *self.failures]
+        return "\n  ".join(lines)
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        lines = [f"{self.merged}: adapter {self.adapter} at coeff {self.coeff:g}, scheme {self.scheme}, base {self.base}"]
+        worst = max(self.checks, key=lambda c: c.ratio, default=None)
+        if worst is not None:
+            lines.append(
+                f"  {len(self.checks)} tensors vs the adapter's own forward; worst {worst.tensor}: "
+                f"max |Δ| {worst.max_abs:.3g} (relative {worst.max_rel:.3g}), {worst.ratio:.3g}× the tolerance"
+            )
+        lines.append(f"  {self.untouched} tensors the adapter does not touch equal the base byte for byte")
+        if (lg := self.logits) is not None:
+            lines.append(
+                f"  logits on {lg.positions} positions: max |Δ| {lg.max_abs:.3g}, KL mean {lg.kl_mean:.3g} "
+                f"p95 {lg.kl_p95:.3g}, top-1 {lg.top1_agreement:.1%}, greedy {lg.greedy_agreement:.1%}"
+            )
+        lines.append("passed" if self.ok else "FAILED")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        extra = {"merged": str(self.merged), "ok": self.ok, "failures": self.failures, "weightsteer_version": __version__}
+        return dataclasses.asdict(self) | extra
+
+
+def verify(
+    merged: PathLike,
+    adapter: PathLike | None = None,
+    coeff: float | None = None,
+    *,
+    base: PathLike | None = None,
+    scheme: str | None = None,
+    task_id: int | None = None,
+    atol: float | None = None,
+    logits: bool = False,
+    prompts: Sequence[Prompt] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> VerifyReport:
+    """Check that the checkpoint in `merged` computes what `adapter` computes at `coeff`.
+
+    adapter, coeff, base, scheme and task_id (Poly) default to what merged/weightsteer.json records.
+    atol replaces the default tolerances (what rounding to the dtype explains for modules, LOGIT_ATOL
+    for logits). logits=True also compares whole models on `prompts` (strings, or token ids when the
+    model has no tokenizer). Returns a report; `report.ok` says whether every check passed.
+    """
+    merged = Path(merged)
+    recorded = _recorded(merged)
+    adapter_ref = str(adapter) if adapter is not None else recorded.get("adapter")
+    coeff = coeff if coeff is not None else recorded.get("coeff")
+    if adapter_ref is None or coeff is None:
+        raise VerificationError(
+            f"{merged} has no {PROVENANCE_NAME} naming its adapter and coeff; pass them (--adapter, --coeff)."
+        )
+    loaded = load_adapter(resolve(adapter_ref, "adapter", _pinned(recorded, adapter_ref, "adapter", "adapter_revision")))
+    base_ref = str(base) if base is not None else recorded.get("base_model") or loaded.base_model
+    if not base_ref:
+        raise VerificationError(
+            f"Neither {merged}/{PROVENANCE_NAME} nor the adapter config names the base model; pass --base."
+        )
+    base_checkpoint = Checkpoint(resolve(base_ref, "base", _pinned(recorded, base_ref, "base_model", "base_revision")))
+    chosen = loaded.family.scheme(scheme or recorded.get("scheme", {}).get("name"))
+    options = recorded.get("options", {}) if task_id is None else {"task_id": task_id}
+    report = VerifyReport(merged, adapter_ref, base_ref, float(coeff), chosen.name, atol)
+    device = torch.device(device or "cpu")
+    checker = _Checker(loaded, chosen, report.coeff, options, base_checkpoint, Checkpoint(merged), atol, device)
+    checker.run(report, progress)
+    if logits or prompts is not None:
+        dtype = _float_dtype(checker.merged)
+        logits_atol = atol if atol is not None else LOGIT_ATOL[dtype]
+        with _loading_bars(progress):
+            report.logits = _compare_logits(base_checkpoint.root, loaded.path, merged, report, options, prompts, logits_atol, dtype)
+    return report
+
+
+def _recorded(merged: Path) -> dict:
+    if not merged.is_dir():
+        raise VerificationError(f"{merged} is not a folder; pass the folder of a merged checkpoint.")
+    path = merged / PROVENANCE_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _pinned(recorded: dict, ref: str, ref_key: str, revision_key: str) -> str | None:
+    """The Hub commit the merge read `ref` at, when weightsteer.json records the same adapter / base."""
+    return recorded.get(revision_key) if recorded.get(ref_key) == ref else None
+
+
+class _Checker:
+    """The module-level checks: one pass over the tensors the base checkpoint implies."""
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        scheme: Scheme,
+        coeff: float,
+        options: dict,
+        base: Checkpoint,
+        merged: Checkpoint,
+        atol: float | None,
+        device: torch.device,
+    ):
+        from peft import PeftConfig
+
+        self.adapter, self.scheme, self.coeff, self.atol, self.device = adapter, scheme, coeff, atol, device
+        self.base, self.merged = base, merged
+        self.task_id = options.get("task_id")
+        self.plan = plan_merge(base, adapter, scheme, None, options)
+        self.outputs = {t.name: t for tensors in self.plan.shards.values() for t in tensors}
+        self.peft_config = PeftConfig.from_pretrained(str(adapter.path))
+
+    def run(self, report: VerifyReport, progress: bool) -> None:
+        stored = self.merged.tensors
+        report.missing = sorted(set(self.outputs) - set(stored))
+        report.unexpected = sorted(set(stored) - set(self.outputs))
+        present = [t for t in self.outputs.values() if t.name in stored]
+        report.misshapen = {t.name: list(stored[t.name].shape) for t in present if stored[t.name].shape != t.shape}
+        for tensor in tqdm([t for t in present if t.name not in report.misshapen], desc="verifying", disable=not progress):
+            if tensor.edit is None:
+                difference = self._untouched_difference(tensor)
+                if difference is None:
+                    report.untouched += 1
+                else:
+                    report.changed_untouched[tensor.name] = difference
+            elif _runs_as_layer(tensor):
+                report.checks.append(self._check_module(tensor))
+            elif not _runs_as_layer(self.outputs.get(tensor.name.removesuffix("bias") + "weight")):
+                report.checks.append(self._check_parameter(tensor))
+            # else: a bias that its module's check covers
+
+    def _read_base(self, tensor: OutputTensor) -> torch.Tensor:
+        return self.base.read(tensor.source.name).to(self.device, torch.float32)
+
+    def _read_merged(self, name: str) -> torch.Tensor:
+        return self.merged.read(name).to(self.device, torch.float32)
+
+    def _untouched_difference(self, tensor: OutputTensor) -> float | None:
+        """None when the merged tensor is the base tensor (cast to the merged dtype) bit for bit, else max |Δ|."""
+        merged = read_tensor(self.merged.tensors[tensor.name])
+        base = self.base.read(tensor.source.name).to(merged.dtype)
+        if torch.equal(merged.reshape(-1).view(torch.uint8), base.reshape(-1).view(torch.uint8)):
+            return None
+        return float((merged.double() - base.double()).abs().max())
+
+    def _check_parameter(self, tensor: OutputTensor) -> TensorCheck:
+        """A tensor the adapter stores whole (modules_to_save, trained biases, norm copies): its value at
+        coeff, p₀ + c·(p₁ − p₀) as `scaled` sets it, vs the merged one."""
+        expected = tensor.edit(self._read_base(tensor), self.scheme, self.coeff)
+        unit = _unit_roundoff(self.merged.tensors[tensor.name])
+        tolerance = self.atol if self.atol is not None else TOLERANCE_SIGMAS * unit * expected.abs()
+        return _measure(tensor.name, "parameter", [(expected, self._read_merged(tensor.name), tolerance)])
+
+    def _check_module(self, tensor: OutputTensor) -> TensorCheck:
+        state = tensor.edit.state
+        bias = self.outputs.get(tensor.name.removesuffix("weight") + "bias")
+        base_weight, base_bias = self._read_base(tensor), self._expected_bias(bias)
+        merged_weight = self._read_merged(tensor.name)
+        merged_bias = self._read_merged(bias.name) if bias is not None and bias.name in self.merged.tensors else None
+        model, reference = _peft_layer(self.peft_config, self.adapter, state, _layer(state, base_weight, base_bias))
+        merged = _layer(state, merged_weight, merged_bias)
+        unit = _unit_roundoff(self.merged.tensors[tensor.name])
+        with torch.no_grad(), scaled(model, self.coeff, scheme=self.scheme.name):
+            batches = (
+                (
+                    reference(x, **_task_ids(self.task_id, x)),
+                    merged(x),
+                    self._tolerance(state, x, unit, (merged_weight, merged_bias), (base_weight, base_bias)),
+                )
+                for x in _probes(state, base_weight, self.device)
+            )
+            return _measure(tensor.name, "module", batches)
+
+    def _expected_bias(self, bias: OutputTensor | None) -> torch.Tensor | None:
+        """The bias PEFT's layer starts from: the base's, or its value at coeff where the adapter trains it."""
+        if bias is None:
+            return None
+        stored = self._read_base(bias)
+        if bias.edit is not None and bias.edit.part == "replace":  # bias="all": PEFT runs the trained copy
+            return bias.edit(stored, self.scheme, self.coeff)
+        return stored
+
+    def _tolerance(self, state: ModuleState, x: torch.Tensor, unit: float, merged: tuple, base: tuple) -> torch.Tensor | float:
+        """Per output: rounding of the merged weight (unit × the size of its terms) plus fp32 noise of both sides."""
+        if self.atol is not None:
+            return self.atol
+        merged_size, base_size = _term_size(state, *merged, x), _term_size(state, *base, x)
+        fan_in = 1 if state.layer == "embedding" else x.shape[-1]
+        fp32_noise = math.sqrt(fan_in) * FP32_EPS
+        return TOLERANCE_SIGMAS * (unit * merged_size + fp32_noise * (merged_size + base_size))
+
+
+def _measure(name: str, kind: str, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]]) -> TensorCheck:
+    """Reduce (expected, got, tolerance) batches, one at a time, to one TensorCheck."""
+    max_abs = max_expected = ratio = 0.0
+    for expected, got, tolerance in batches:
+        error = (got - expected).abs()
+        max_abs = max(max_abs, float(error.max()))
+        max_expected = max(max_expected, float(expected.abs().max()))
+        ratio = max(ratio, float(torch.where(error == 0, 0.0, error / tolerance).max()))
+    return TensorCheck(name, kind, max_abs, max_abs / max_expected if max_expected else max_abs, ratio)
+
+
+def _task_ids(task_id: int | None, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Poly's forward keyword: the task of every row of `inputs`."""
+    return {} if task_id is None else {"task_ids": torch.full(inputs.shape[:1], task_id, device=inputs.device)}
+
+
+def _runs_as_layer(tensor: OutputTensor | None) -> bool:
+    """Is this the weight of a Linear / Conv1D / Embedding module that PEFT's layer can run?"""
+    return tensor is not None and tensor.edit is not None and tensor.edit.part == "weight" and len(tensor.shape) == 2
+
+
+def _unit_roundoff(info: TensorInfo) -> float:
+    return torch.finfo(info.torch_dtype).eps / 2
+
+
+def _term_size(state: ModuleState, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """sqrt(Σ_j (W_ij x_j)² + b_i²) per output: rounding errors in W and b add up to about unit × this."""
+    if state.layer == "embedding":
+        return weight[x].abs()
+    rows = weight.T if state.fan_in_fan_out else weight  # Linear orientation, out × in
+    squares = torch.cat([x.square() @ chunk.square().T for chunk in rows.split(ROW_CHUNK)], dim=-1)
+    if bias is not None:
+        squares += bias.square()
+    return squares.sqrt()
+
+
+def _probes(state: ModuleState, weight: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor]:
+    """Every token id of an embedding; for a linear layer, one sequence of PROBES random inputs
+    (batch × seq × in, the shape some tuner layers require)."""
+    if state.layer == "embedding":
+        yield from torch.arange(weight.shape[0], device=device).split(EMBEDDING_CHUNK)
+        return
+    fan_in = weight.shape[0] if state.fan_in_fan_out else weight.shape[1]
+    yield torch.randn(1, PROBES, fan_in, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def _layer(state: ModuleState, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """The module the base model holds at state.path, rebuilt around the given tensors."""
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        if state.layer == "embedding":
+            layer = nn.Embedding(*weight.shape)
+        elif state.layer != "linear":
+            raise UnsupportedAdapterError(f"verify cannot rebuild a {state.layer!r} layer for {state.path}.")
+        elif state.fan_in_fan_out:
+            layer = Conv1D(weight.shape[1], weight.shape[0])
+            bias = bias if bias is not None else torch.zeros(weight.shape[1], device=weight.device)
+        else:
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=False)
+    return layer
+
+
+def _peft_layer(config, adapter: Adapter, state: ModuleState, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """PEFT's own tuner layer around `layer`, loaded with the adapter's tensors for that module.
+
+    Returns (the PeftModel, for `scaled`; the tuner layer, to run). The layer sits at its own path in
+    an otherwise empty module tree, so PEFT's targeting rules (target_modules, layers_to_transform,
+    feedforward_modules, rank/alpha patterns) see the same module name as in the full model.
+    """
+    from peft import get_peft_model, set_peft_model_state_dict
+    from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+    container = nn.Module()
+    *parents, leaf = state.path.split(".")
+    parent = container
+    for name in parents:
+        parent.add_module(name, nn.Module())
+        parent = getattr(parent, name)
+    parent.add_module(leaf, layer)
+    overrides = dict(ISOLATED)
+    if config.target_modules == INCLUDE_LINEAR_LAYERS_SHORTHAND:  # PEFT resolves it on transformers models only
+        overrides["target_modules"] = [state.path]
+    fields = {f.name for f in dataclasses.fields(config)}
+    isolated = dataclasses.replace(config, **{k: v for k, v in overrides.items() if k in fields})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns about the bare container: no config, no name
+        model = get_peft_model(container, isolated, adapter_name=ADAPTER_NAME).eval()  # no dropout, no sampling
+    tensors = _fit_shared(model, adapter, _module_tensors(adapter, state.path))
+    loaded = set_peft_model_state_dict(model, tensors, adapter_name=ADAPTER_NAME)
+    if loaded.unexpected_keys:
+        raise AdapterError(
+            f"PEFT does not load {', '.join(loaded.unexpected_keys)} into the module {state.path}; "
+            "the adapter file is inconsistent."
+        )
+    return model, model.base_model.model.get_submodule(state.path)
+
+
+def _module_tensors(adapter: Adapter, path: str) -> dict[str, torch.Tensor]:
+    """The adapter's saved tensors for one module (its own parameters, not replaced base tensors) and shared ones."""
+    prefix = f"{MODEL_PREFIX}{path}."
+    shared = {SHARED_PREFIX + t for t in adapter.family.shared_tokens}
+    return {
+        key: tensor
+        for key, tensor in adapter.tensors.items()
+        if key in shared or (key.startswith(prefix) and key[len(prefix) :].split(".")[0] in adapter.family.tokens)
+    }
+
+
+def _fit_shared(model, adapter: Adapter, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT sizes shared matrices (VeRA, RandLoRA) for the largest adapted layer, and each layer uses
+    their leading block; the layer alone in its container needs just that block of the saved ones."""
+    fitted = {}
+    for key, tensor in tensors.items():
+        token = key.rsplit(".", 1)[-1]
+        if token in adapter.family.shared_tokens:
+            tensor = tensor[tuple(slice(0, n) for n in getattr(model.base_model, token)[ADAPTER_NAME].shape)]
+        fitted[key] = tensor
+    return fitted
+
+
+def _float_dtype(checkpoint: Checkpoint) -> torch.dtype:
+    """The dtype most of the checkpoint's floating-point bytes are stored in."""
+    sizes: Counter[str] = Counter()
+    for info in checkpoint.tensors.values():
+        if info.dtype in FLOAT_CODES:
+            sizes[info.dtype] += info.nbytes
+    return DTYPES[sizes.most_common(1)[0][0]]
+
+
+# ---- model level ---------------------------------------------------------------------------------
+
+
+def _compare_logits(
+    base: Path,
+    adapter: Path,
+    merged: Path,
+    report: VerifyReport,
+    options: dict,
+    prompts: Sequence[Prompt] | None,
+    atol: float,
+    dtype: torch.dtype,
+) -> LogitsCheck:
+    from peft import PeftModel
+
+    with torch.no_grad():
+        unmerged = PeftModel.from_pretrained(_load_model(base, dtype), adapter).eval()
+        inputs = _encode_prompts(merged, prompts, unmerged.get_input_embeddings().weight.shape[0])
+        tuner = unmerged.base_model  # LoraModel, PolyModel, ...: it hands task_ids (Poly) on to its layers
+        with scaled(unmerged, report.coeff, scheme=report.scheme):
+            expected = [_run(tuner, ids, **_task_ids(options.get("task_id"), ids[None])) for ids in inputs]
+        del unmerged, tuner  # one model in memory at a time
+        merged_model = _load_model(merged, dtype).eval()
+        got = [_run(merged_model, ids) for ids in inputs]
+    return _logits_check(expected, got, atol)
+
+
+@contextmanager
+def _loading_bars(enabled: bool) -> Iterator[None]:
+    """transformers' "Loading weights" bars, off unless progress was asked for."""
+    from transformers.utils import logging
+
+    if enabled or not logging.is_progress_bar_enabled():
+        yield
+        return
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.enable_progress_bar()
+
+
+def _load_model(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    placement = {"device_map": "auto"} if torch.cuda.is_available() else {}  # spread a big model over the GPUs
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement)
+
+
+def _run(model, ids: torch.Tensor, **forward_kwargs) -> Run:
+    """(logits at every prompt position, greedy continuation)."""
+    from transformers import GenerationConfig
+
+    ids = ids.to(model.device)[None]
+    forward_kwargs = {k: v.to(model.device) for k, v in forward_kwargs.items()}
+    logits = model(input_ids=ids, **forward_kwargs).logits[0].float().cpu()
+    eos = model.generation_config.eos_token_id
+    pad = (eos[0] if isinstance(eos, list) and eos else eos) or 0
+    greedy = GenerationConfig(do_sample=False, max_new_tokens=GREEDY_TOKENS, eos_token_id=eos, pad_token_id=pad)
+    generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=greedy, **forward_kwargs)
+    return logits, generated[0, ids.shape[1] :].tolist()
+
+
+def _logits_check(expected: list[Run], got: list[Run], atol: float) -> LogitsCheck:
+    reference = torch.cat([logits for logits, _ in expected])
+    merged = torch.cat([logits for logits, _ in got])
+    p_log, q_log = reference.double().log_softmax(-1), merged.double().log_softmax(-1)
+    kl = (p_log.exp() * (p_log - q_log)).sum(-1).clamp_min(0)  # ≥ 0 up to rounding
+    agreements = [_shared_prefix(a, b) / max(len(a), len(b), 1) for (_, a), (_, b) in zip(expected, got)]
+    return LogitsCheck(
+        positions=reference.shape[0],
+        max_abs=float((reference - merged).abs().max()),
+        kl_mean=float(kl.mean()),
+        kl_p95=float(torch.quantile(kl, 0.95)),
+        top1_agreement=float((reference.argmax(-1) == merged.argmax(-1)).float().mean()),
+        greedy_agreement=sum(agreements) / len(agreements),
+        atol=atol,
+    )
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _encode_prompts(merged: Path, prompts: Sequence[Prompt] | None, vocab_size: int) -> list[torch.Tensor]:
+    tokenizer, why_not = _tokenizer(merged)
+    if prompts is None:
+        generator = torch.Generator().manual_seed(0)
+        random_ids = torch.randint(vocab_size, (DEFAULT_ID_PROMPTS, DEFAULT_ID_LENGTH), generator=generator).tolist()
+        prompts = DEFAULT_PROMPTS if tokenizer is not None else random_ids
+    encoded = [_encode(p, tokenizer, why_not, merged) for p in prompts]
+    for ids in encoded:
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+            raise VerificationError(f"Prompts must be non-empty with token ids in 0 … {vocab_size - 1}; got {ids.tolist()}.")
+    return encoded
+
+
+def _encode(prompt: Prompt, tokenizer, why_not: str | None, merged: Path) -> torch.Tensor:
+    if not isinstance(prompt, str):
+        return torch.tensor(list(prompt), dtype=torch.long)
+    if tokenizer is not None:
+        return tokenizer(prompt, return_tensors="pt").input_ids[0]
+    try:
+        return torch.tensor([int(t) for t in prompt.replace(",", " ").split()], dtype=torch.long)
+    except ValueError:
+        raise VerificationError(
+            f"{merged} has no usable tokenizer ({why_not}), so prompts must be token ids, e.g. '1 5 9 17'; got {prompt!r}."
+        ) from None
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path), None
+    except Exception as e:  # a missing or broken tokenizer raises many types; token-id prompts still work
+        return None, f"{type(e).__name__}: {e}"
