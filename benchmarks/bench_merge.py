@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def make_fixture(root: Path, shape: str, layers: int, shard_bytes: int) -> tuple
         num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=False, dtype="bfloat16",
     )
     config.save_pretrained(base)
-    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     kv = hidden // heads * kv_heads
     out_in = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden),
               "gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden), "down_proj": (hidden, intermediate)}
@@ -61,6 +62,8 @@ def make_fixture(root: Path, shape: str, layers: int, shard_bytes: int) -> tuple
         for block, names in PROJECTIONS.items():
             for name in names:
                 shapes[f"{prefix}{block}.{name}.weight"] = out_in[name]
+    largest = max(math.prod(shape) for shape in shapes.values())
+    pool = torch.randn(largest + 4096).mul_(0.02).to(torch.bfloat16)  # values for every tensor, at shifted offsets
     adapter_tensors, shard, weight_map, shard_size = {}, {}, {}, 0
     shard_names = []
 
@@ -71,13 +74,14 @@ def make_fixture(root: Path, shape: str, layers: int, shard_bytes: int) -> tuple
         weight_map.update({k: name for k in shard})
         shard.clear()
 
-    for name, tensor_shape in shapes.items():
-        tensor = (torch.randn(tensor_shape, generator=generator) * 0.02).to(torch.bfloat16)
+    for i, (name, tensor_shape) in enumerate(shapes.items()):
+        offset = (i * 977) % 4096
+        tensor = pool[offset : offset + math.prod(tensor_shape)].view(tensor_shape).clone()
         if name.endswith("proj.weight"):
             module = "base_model.model." + name.removesuffix(".weight")
             out_features, in_features = tensor_shape
-            adapter_tensors[module + ".delora_A"] = torch.randn(RANK, in_features, generator=generator)
-            adapter_tensors[module + ".delora_B"] = torch.randn(out_features, RANK, generator=generator)
+            adapter_tensors[module + ".delora_A"] = torch.randn(RANK, in_features)
+            adapter_tensors[module + ".delora_B"] = torch.randn(out_features, RANK)
             adapter_tensors[module + ".delora_lambda"] = torch.tensor([15.0])
             adapter_tensors[module + ".delora_w_norm"] = torch.linalg.norm(tensor.float(), dim=0)
         if shard and shard_size + tensor.nbytes > shard_bytes:
@@ -86,12 +90,14 @@ def make_fixture(root: Path, shape: str, layers: int, shard_bytes: int) -> tuple
         shard[name] = tensor
         shard_size += tensor.nbytes
     flush()
-    if len(shard_names) > 1:
+    if len(shard_names) == 1:
+        (base / shard_names[0]).rename(base / "model.safetensors")
+    else:
         for i, old in enumerate(shard_names):
             new = f"model-{i + 1:05d}-of-{len(shard_names):05d}.safetensors"
             (base / old).rename(base / new)
             weight_map = {k: (new if v == old else v) for k, v in weight_map.items()}
-        total = sum(_bf16_nbytes(shapes[k]) for k in shapes)
+        total = sum(2 * math.prod(shapes[k]) for k in shapes)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (base / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     adapter.mkdir(parents=True)
@@ -104,13 +110,6 @@ def make_fixture(root: Path, shape: str, layers: int, shard_bytes: int) -> tuple
     }
     (adapter / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
     return base, adapter
-
-
-def _bf16_nbytes(shape) -> int:
-    n = 2
-    for d in shape:
-        n *= d
-    return n
 
 
 # ---- measurements, each run in a fresh process -------------------------------------------------
@@ -154,13 +153,21 @@ def run_peft(base: Path, adapter: Path, out: Path, device: str) -> dict:
 def measure(kind: str, *args: str) -> dict:
     """Run one measurement in a fresh Python process; returns seconds and peak RSS."""
     code = (
-        "import json, resource, sys, time; from pathlib import Path; sys.path.insert(0, %r); import bench_merge as b; "
+        "import json, sys, time; from pathlib import Path; sys.path.insert(0, %r); import bench_merge as b; "
         "t = time.perf_counter(); extra = b.run_%s(*[Path(a) for a in sys.argv[1:-1]], sys.argv[-1]); "
         "print(json.dumps({'seconds': time.perf_counter() - t, "
-        "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}))"
+        "'peak_rss_mb': b.peak_rss_mb(), **extra}))"
     ) % (str(Path(__file__).parent), kind)
     done = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_mb() -> float:
+    """This process's own high-water RSS (VmHWM). ru_maxrss is not used: Linux carries it across exec from the parent."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def warm_cache(folder: Path) -> None:
@@ -175,7 +182,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=SHAPES, default="0.8b")
     parser.add_argument("--layers", type=int, nargs="+", help="layer counts for weightsteer's memory check [default: shape's, and half]")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/weightsteer-bench"))
-    parser.add_argument("--device", default="cpu", help="weightsteer --device")
+    parser.add_argument("--device", nargs="+", default=["cpu"], help="weightsteer --device (several: one run each)")
     parser.add_argument("--peft-device", default="cpu")
     parser.add_argument("--shard-gb", type=float, default=1.0)
     parser.add_argument("--skip-peft", action="store_true")
@@ -189,35 +196,42 @@ def main() -> None:
     size_gb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
     results = {}
 
-    def timed(label, kind, *paths):
-        out = args.workdir / f"out-{label}"
+    def timed(label, kind, *paths, device="cpu"):
+        out = args.workdir / "out"
         shutil.rmtree(out, ignore_errors=True)
         warm_cache(paths[0])
-        device = args.peft_device if kind == "peft" else args.device
         results[label] = measure(kind, *map(str, paths), str(out), device)
         shutil.rmtree(out, ignore_errors=True)
-        print(f"{label:<22} {results[label]['seconds']:8.2f} s   peak RSS {results[label]['peak_rss_mb']:8.0f} MB", flush=True)
+        print(f"{label:<24} {results[label]['seconds']:8.2f} s   peak RSS {results[label]['peak_rss_mb']:8.0f} MB", flush=True)
 
     print(f"fixture: {args.shape} shape, {layer_counts[0]} layers, {size_gb:.2f} GB bf16, DeLoRA r={RANK}, coeff {COEFF}")
     timed("copy (cp -r)", "copy", base)
     timed("rewrite (safetensors)", "rewrite", base)
-    for n in layer_counts:
-        timed(f"weightsteer {n} layers", "weightsteer", fixtures[n][0], fixtures[n][1])
+    for device in args.device:
+        for n in layer_counts:
+            timed(f"weightsteer {device} {n}L", "weightsteer", fixtures[n][0], fixtures[n][1], device=device)
     if not args.skip_peft:
-        timed("peft", "peft", base, adapter)
-    ours = results[f"weightsteer {layer_counts[0]} layers"]
+        timed(f"peft {args.peft_device}", "peft", base, adapter, device=args.peft_device)
+    for device in args.device:
+        report(results, device, layer_counts, args.peft_device)
+    if args.json:
+        args.json.write_text(json.dumps({"shape": args.shape, "size_gb": size_gb, "results": results}, indent=2))
+
+
+def report(results: dict, device: str, layer_counts: list[int], peft_device: str) -> None:
+    ours = results[f"weightsteer {device} {layer_counts[0]}L"]
     phases = ours["phases"]
+    print(f"-- weightsteer on {device} --")
     print(f"weightsteer phases: read {phases['read']:.2f} s, compute {phases['compute']:.2f} s, write/copy {phases['write']:.2f} s")
     print(f"weightsteer / rewrite floor: {ours['seconds'] / results['rewrite (safetensors)']['seconds']:.2f}x time")
     print(f"weightsteer / cp floor:      {ours['seconds'] / results['copy (cp -r)']['seconds']:.2f}x time")
-    if "peft" in results:
-        print(f"peft / weightsteer:          {results['peft']['seconds'] / ours['seconds']:.2f}x faster, "
-              f"RSS ratio weightsteer/peft {ours['peak_rss_mb'] / results['peft']['peak_rss_mb']:.2f}")
+    peft = results.get(f"peft {peft_device}")
+    if peft:
+        print(f"peft ({peft_device}) / weightsteer: {peft['seconds'] / ours['seconds']:.2f}x faster, "
+              f"RSS ratio weightsteer/peft {ours['peak_rss_mb'] / peft['peak_rss_mb']:.2f}")
     if len(layer_counts) > 1:
-        rss = [results[f"weightsteer {n} layers"]["peak_rss_mb"] for n in layer_counts]
+        rss = [results[f"weightsteer {device} {n}L"]["peak_rss_mb"] for n in layer_counts]
         print("weightsteer peak RSS by size: " + ", ".join(f"{n} layers {r:.0f} MB" for n, r in zip(layer_counts, rss)))
-    if args.json:
-        args.json.write_text(json.dumps({"shape": args.shape, "size_gb": size_gb, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

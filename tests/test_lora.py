@@ -99,3 +99,10 @@ def test_residual_init_is_refused(bases, tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(weightsteer.AdapterError, match="path_initial_model_for_weight_conversion"):
         weightsteer.merge(adapter, tmp_path / "out")
+
+
+def test_conv1d_and_linear_head_in_one_adapter(bases, tmp_path):
+    # PEFT saves a single fan_in_fan_out flag, which is wrong for either the Conv1D layers or lm_head.
+    config = LoraConfig(r=4, target_modules=["c_attn", "lm_head"], fan_in_fan_out=True)
+    adapter = make_adapter(bases("gpt2"), tmp_path / "a", config)
+    assert_matches_runtime(bases("gpt2"), adapter, tmp_path, (-1, 1))

@@ -20,6 +20,9 @@ from .errors import AdapterError, BaseModelError
 
 HEAD = "lm_head.weight"
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
+# transformers architectures whose projections are Conv1D (weight stored in×out), and those projections.
+CONV1D_MODELS = ("gpt2", "openai-gpt", "decision_transformer", "imagegpt")
+CONV1D_MODULES = (".c_attn", ".c_proj", ".c_fc", ".q_attn")
 QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".g_idx", ".SCB", ".weight_format", ".absmax", ".quant_map", ".quant_state.bitsandbytes__nf4", ".weight_scale")
 
 
@@ -135,6 +138,9 @@ def plan_merge(
 def _add_module_edits(edits: dict[str, Edit], checkpoint: Checkpoint, family: AdapterFamily, state: ModuleState) -> None:
     weight_name = _resolve(checkpoint, state.path + ".weight", what=f"adapter module {state.path}")
     weight_shape = _info(checkpoint, weight_name).shape
+    if state.layer == "linear" and checkpoint.config.get("model_type") in CONV1D_MODELS:
+        # PEFT saves one fan_in_fan_out flag for all modules (the last one it wrapped); the architecture knows.
+        state.fan_in_fan_out = state.path.endswith(CONV1D_MODULES)
     if state.fan_in_fan_out:
         weight_shape = weight_shape[::-1]
     bias_name = weight_name.removesuffix("weight") + "bias"

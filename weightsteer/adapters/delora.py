@@ -57,7 +57,12 @@ class DeLoRA(AdapterFamily):
             )
 
     def weight(self, state, weight):
-        return weight + _delta(state)
+        """W + ΔW, ΔW = B diag(λ / (r ‖a_i‖ ‖b_i‖)) A diag(w)  (DeloraLayer._compute_delta)."""
+        return torch.addmm(weight, *_factors(state))
+
+    def low_rank(self, state, shape):
+        """ΔW = (B diag(λ / (r ‖a_i‖ ‖b_i‖))) (A diag(w)), the two factors of _delta."""
+        return _factors(state)
 
     # ---- runtime ---------------------------------------------------------------------------------
     def live_state(self, layer, adapter, path):
@@ -69,11 +74,10 @@ class DeLoRA(AdapterFamily):
             getattr(layer, name)[adapter].data.copy_(state.tensors[name])
 
 
-def _delta(state: ModuleState) -> torch.Tensor:
-    """ΔW = B diag(λ / (r ‖a_i‖ ‖b_i‖)) A diag(w)  (DeloraLayer._compute_delta)."""
+def _factors(state: ModuleState) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = state.tensors["delora_A"], state.tensors["delora_B"]
     rank = a.shape[0]
     a_norms = torch.clamp(a.norm(dim=1), min=NORM_FLOOR)
     b_norms = torch.clamp(b.norm(dim=0), min=NORM_FLOOR)
     scale = state.tensors["delora_lambda"] / rank / (a_norms * b_norms)
-    return (b * scale) @ (a * state.tensors["delora_w_norm"])
+    return b * scale, a * state.tensors["delora_w_norm"]

@@ -116,12 +116,20 @@ class LoRA(AdapterFamily):
         if ROWS in state.tensors:
             return merged_rows(state, weight)
         a, b = _factors(state)
-        delta = state.scalars["scaling"] * (b @ a)
-        merged = weight + (delta.T if state.layer == "embedding" else delta)
+        left, right = (a.T, b.T) if state.layer == "embedding" else (b, a)
+        merged = torch.addmm(weight, left, right, alpha=state.scalars["scaling"])
         if "lora_magnitude_vector" not in state.tensors:
             return merged
         magnitude = _magnitude(state, weight)
         return (magnitude / torch.linalg.norm(merged, dim=1)).unsqueeze(1) * merged
+
+    def low_rank(self, state, shape):
+        """ΔW = s·B A (embedding: s·(B_e A_e)ᵀ), in weight()'s orientation; DoRA's row norms make it full rank."""
+        if "lora_magnitude_vector" in state.tensors:
+            return None
+        a, b = _factors(state)
+        scaling = state.scalars["scaling"]
+        return (scaling * a.T, b.T) if state.layer == "embedding" else (scaling * b, a)
 
     def changes_bias(self, state):
         return "lora_B.bias" in state.tensors

@@ -74,12 +74,17 @@ class VeRA(AdapterFamily):
             )
 
     def weight(self, state, weight):
-        out_features, in_features = weight.shape
+        left, right = self.low_rank(state, weight.shape)
+        return weight + left @ right
+
+    def low_rank(self, state, shape):
+        """ΔW = (diag(λ_b) B_s) (diag(λ_d) A_s), with the projections sliced to the layer's (out, in)."""
+        out_features, in_features = shape
         sliced_a = state.tensors["vera_A"][:, :in_features]
         sliced_b = state.tensors["vera_B"][:out_features, :]
         lambda_b = state.tensors["vera_lambda_b"].unsqueeze(1)
         lambda_d = state.tensors["vera_lambda_d"].unsqueeze(1)
-        return weight + (lambda_b * sliced_b) @ (lambda_d * sliced_a)
+        return lambda_b * sliced_b, lambda_d * sliced_a
 
     # ---- runtime ---------------------------------------------------------------------------------
     def live_state(self, layer, adapter, path):
