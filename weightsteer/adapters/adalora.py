@@ -53,9 +53,13 @@ class AdaLoRA(ScaledDeltaFamily):
             )
 
     def weight(self, state, weight):
+        return torch.addmm(weight, *self.low_rank(state, weight.shape))
+
+    def low_rank(self, state, shape):
+        """ΔW = α'/(ranknum + 1e-5) · B (diag(E) A)."""
         a, e, b = (state.tensors[n] for n in self.tokens)
         scale = state.scalars["scaling"] / (state.scalars["ranknum"] + RANKNUM_EPSILON)
-        return weight + scale * (b @ (a * e.reshape(-1, 1)))
+        return scale * b, a * e.reshape(-1, 1)
 
     def live_scalars(self, layer: torch.nn.Module, adapter: str) -> dict[str, float]:
         return {"ranknum": layer.ranknum[adapter].item()}

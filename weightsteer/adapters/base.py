@@ -114,6 +114,11 @@ class AdapterFamily:
     def bias(self, state: ModuleState, bias: torch.Tensor) -> torch.Tensor:
         return bias
 
+    def low_rank(self, state: ModuleState, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Exact factors (B, A) with ΔW = B A in Linear orientation for a weight of this shape, where the
+        family's change is a product of small factors; None otherwise (LoRA export then uses an SVD)."""
+        return None
+
     def changes_bias(self, state: ModuleState) -> bool:
         return False
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 
 from ..errors import UnsupportedAdapterError
 from .base import MODEL_PREFIX, AdapterFamily, ModuleState, Scheme, require, scale_mix, shape_error, split_keys, toward

@@ -44,3 +44,10 @@ class LoHa(ScaledDeltaFamily):
     def weight(self, state, weight):
         w1a, w1b, w2a, w2b = (state.tensors[n] for n in FACTORS)
         return weight + ((w1a @ w1b) * (w2a @ w2b)) * state.scalars["scaling"]
+
+    def low_rank(self, state, shape):
+        """(W1a W1b) ⊙ (W2a W2b) = Σ_ij (w1a_i ⊙ w2a_j)(w1b_i ⊙ w2b_j)ᵀ: rank r1·r2 (Khatri–Rao)."""
+        w1a, w1b, w2a, w2b = (state.tensors[n] for n in FACTORS)
+        left = (w1a[:, :, None] * w2a[:, None, :]).flatten(1)
+        right = (w1b[:, None, :] * w2b[None, :, :]).flatten(0, 1)
+        return state.scalars["scaling"] * left, right

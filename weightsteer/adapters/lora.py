@@ -124,8 +124,9 @@ class LoRA(AdapterFamily):
         return (magnitude / torch.linalg.norm(merged, dim=1)).unsqueeze(1) * merged
 
     def low_rank(self, state, shape):
-        """ΔW = s·B A (embedding: s·(B_e A_e)ᵀ), in weight()'s orientation; DoRA's row norms make it full rank."""
-        if "lora_magnitude_vector" in state.tensors:
+        """ΔW = s·B A (embedding: s·(B_e A_e)ᵀ), in weight()'s orientation; DoRA's row norms make it full rank,
+        and trainable-token rows are no product of factors."""
+        if "lora_magnitude_vector" in state.tensors or ROWS in state.tensors:
             return None
         a, b = _factors(state)
         scaling = state.scalars["scaling"]

