@@ -184,3 +184,21 @@ def test_task_id_is_refused_for_non_poly(lora, tmp_path):
     with pytest.raises(weightsteer.SchemeError, match="--task-id applies to Poly"):
         weightsteer.merge(lora, tmp_path / "out", task_id=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_hub_repo_ids_resolve_from_the_cache_offline(bases, lora, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--org--tiny-llama" / "snapshots" / commit
+    shutil.copytree(bases("llama:sharded"), snapshot)
+    (cache / "models--org--tiny-llama" / "refs").mkdir()
+    (cache / "models--org--tiny-llama" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    out = weightsteer.merge(lora, tmp_path / "out", base="org/tiny-llama")
+    assert (model_logits(out) - runtime_logits(bases("llama:sharded"), lora, 1)).abs().max() < 1e-4
+    with pytest.raises(weightsteer.BaseModelError, match="org/not-cached.*Offline, only repos already in the cache"):
+        weightsteer.merge(lora, tmp_path / "out2", base="org/not-cached")
+    assert not (tmp_path / "out2").exists()
