@@ -31,13 +31,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import __version__
-from .adapters import Adapter, load_adapter
+from .adapters import Adapter
 from .adapters.base import MODEL_PREFIX, AdapterFamily, ModuleState, Scheme
 from .checkpoint import Checkpoint
-from .errors import BaseModelError, ExportError, SchemeError
-from .hub import resolve
+from .errors import ExportError
 from .outputs import check_output, publish, remove_quietly, staging_dir
-from .planner import EMBEDDING_SUFFIXES, HEAD, OutputTensor, _resolve, _tied_embedding, plan_merge
+from .merge import finite_coeff, open_plan
+from .planner import EMBEDDING_SUFFIXES, HEAD, OutputTensor, _resolve, _tied_embedding
 
 PathLike = str | os.PathLike
 DEFAULT_ENERGY = 0.99
@@ -113,19 +113,12 @@ def export_lora(
     `base` (folder or Hub id; default: the adapter's base_model_name_or_path) gives the tensor shapes, and the
     base weights for modules that need an SVD. Returns what was written, with per-module errors.
     """
-    coeff = float(coeff)
-    if not math.isfinite(coeff):
-        raise SchemeError(f"coeff must be a finite number, got {coeff}.")
+    coeff = finite_coeff(coeff)
     _check_truncation(rank, energy)
     output = Path(output)
     check_output(output, overwrite)
-    loaded = load_adapter(resolve(str(adapter), "adapter"))
-    base_ref = base if base is not None else loaded.base_model
-    if not base_ref:
-        raise BaseModelError(f"{loaded.path}/adapter_config.json names no base_model_name_or_path; pass --base.")
-    checkpoint = Checkpoint(resolve(str(base_ref), "base"))
-    chosen = loaded.family.scheme(scheme)
-    plan = plan_merge(checkpoint, loaded, chosen, None, {"task_id": task_id} if task_id is not None else {})
+    plan, base_ref, _ = open_plan(adapter, base=base, scheme=scheme, task_id=task_id)
+    loaded, checkpoint, chosen = plan.adapter, plan.checkpoint, plan.scheme
     result = LoraExport(output, coeff, chosen.name, loaded.peft_type, 0, checkpoint.root)
     modules = _module_changes(plan.edited, checkpoint, loaded, chosen, coeff, rank, energy, result, progress)
     _add_tied_head(modules, checkpoint, plan.config_patch, plan.edited)
@@ -133,7 +126,7 @@ def export_lora(
     result.modules = [m["report"] for m in modules.values() if "report" in m]
     staging = staging_dir(output)
     try:
-        _write(staging, modules, result.rank, loaded, str(base_ref), result)
+        _write(staging, modules, result.rank, loaded, base_ref, result)
         publish(staging, output)
     finally:
         remove_quietly(staging)

@@ -141,21 +141,13 @@ def merge_many(
     task_id: int | None = None,
 ) -> list[MergeResult]:
     """Like `merge`, for several coeffs at once: the base is read once, one checkpoint per coeff."""
-    targets = {_finite_coeff(c): Path(p) for c, p in outputs.items()}
+    targets = {finite_coeff(c): Path(p) for c, p in outputs.items()}
     if not targets:
         raise SchemeError("Give at least one coeff.")
     for path in targets.values():
         check_output(path, overwrite)
-    loaded = load_adapter(resolve(str(adapter), "adapter"))
-    base_ref = base if base is not None else loaded.base_model
-    if not base_ref:
-        raise BaseModelError(f"{loaded.path}/adapter_config.json names no base_model_name_or_path; pass --base.")
-    checkpoint = Checkpoint(resolve(str(base_ref), "base"))
-    chosen = loaded.family.scheme(scheme)
-    options = {"task_id": task_id} if task_id is not None else {}
-    if task_id is not None and "task_id" not in loaded.family.options:
-        raise SchemeError(f"--task-id applies to Poly adapters only; {loaded.path} is a {loaded.peft_type} adapter.")
-    plan = plan_merge(checkpoint, loaded, chosen, _torch_dtype(dtype), options)
+    plan, base_ref, options = open_plan(adapter, base=base, scheme=scheme, task_id=task_id, dtype=_torch_dtype(dtype))
+    loaded, chosen = plan.adapter, plan.scheme
     results = [MergeResult(path, c, chosen.name, loaded.peft_type) for c, path in targets.items()]
     for result in results:
         if not chosen.base_at_zero and result.coeff == 0:
@@ -164,7 +156,7 @@ def merge_many(
     try:
         _stream(plan, results, stagings, torch.device(device or "cpu"), progress)
         for result, staging in zip(results, stagings):
-            _finish(plan, loaded, str(adapter), str(base_ref), options, result, staging, results)
+            _finish(plan, loaded, str(adapter), base_ref, options, result, staging, results)
         for result, staging in zip(results, stagings):
             publish(staging, result.path)
     finally:
@@ -193,7 +185,27 @@ def _keep_freed_memory_for_reuse() -> None:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameter numbers
 
 
-def _finite_coeff(c: float) -> float:
+def open_plan(
+    adapter: PathLike,
+    *,
+    base: PathLike | None = None,
+    scheme: str | None = None,
+    task_id: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[MergePlan, str, dict[str, object]]:
+    """Load the adapter, read the base's headers and plan the change: (plan, base reference, options)."""
+    loaded = load_adapter(resolve(str(adapter), "adapter"))
+    base_ref = str(base if base is not None else loaded.base_model or "")
+    if not base_ref:
+        raise BaseModelError(f"{loaded.path}/adapter_config.json names no base_model_name_or_path; pass --base.")
+    if task_id is not None and "task_id" not in loaded.family.options:
+        raise SchemeError(f"--task-id applies to Poly adapters only; {loaded.path} is a {loaded.peft_type} adapter.")
+    options: dict[str, object] = {"task_id": task_id} if task_id is not None else {}
+    checkpoint = Checkpoint(resolve(base_ref, "base"))
+    return plan_merge(checkpoint, loaded, loaded.family.scheme(scheme), dtype, options), base_ref, options
+
+
+def finite_coeff(c: float) -> float:
     c = float(c)
     if not math.isfinite(c):
         raise SchemeError(f"coeff must be a finite number, got {c}.")
