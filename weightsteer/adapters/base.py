@@ -79,6 +79,11 @@ def toward(base: torch.Tensor, trained: torch.Tensor, mix: float) -> torch.Tenso
     return base + mix * (trained - base)
 
 
+def scale_scaling(state: ModuleState, c: float) -> ModuleState:
+    """The linear scheme for W + scaling·ΔW: scaling → c·scaling (its no-op value is 0)."""
+    return state.with_scalars(scaling=c * state.scalars["scaling"])
+
+
 def scale_mix(state: ModuleState, c: float) -> ModuleState:
     """The linear scheme for stored-whole tensors: mix → c·mix (mix = 1 as trained)."""
     return state.with_scalars(mix=c * state.scalars["mix"])

@@ -18,14 +18,11 @@ from typing import Mapping
 import torch
 
 from ..errors import AdapterError
-from .base import AdapterFamily, ModuleState, Scheme, ShapeLookup, require, shape_error, split_keys
+from .base import AdapterFamily, ModuleState, Scheme, ShapeLookup, require, scale_scaling, shape_error, split_keys
 
 TRAINED = ("randlora_lambda", "randlora_gamma")
 BASES = ("randlora_A", "randlora_B")
 
-
-def _scale(state: ModuleState, c: float) -> ModuleState:
-    return state.with_scalars(scaling=c * state.scalars["scaling"])
 
 
 class RandLoRA(AdapterFamily):
@@ -40,7 +37,7 @@ class RandLoRA(AdapterFamily):
             "linear",
             "scaling → c·scaling",
             "0: base · 1: trained · −1: W − ΔW",
-            _scale,
+            scale_scaling,
         ),
     }
 

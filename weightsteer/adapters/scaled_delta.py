@@ -13,14 +13,11 @@ from typing import ClassVar
 import torch
 
 from ..errors import AdapterError, UnsupportedAdapterError
-from .base import AdapterFamily, ModuleState, Scheme
+from .base import AdapterFamily, ModuleState, Scheme, scale_scaling
 
 
-def _scale(state: ModuleState, c: float) -> ModuleState:
-    return state.with_scalars(scaling=c * state.scalars["scaling"])
 
-
-LINEAR = Scheme("linear", "scaling → c·scaling", "0: base · 1: trained · −1: W − ΔW", _scale)
+LINEAR = Scheme("linear", "scaling → c·scaling", "0: base · 1: trained · −1: W − ΔW", scale_scaling)
 
 
 class ScaledDeltaFamily(AdapterFamily):

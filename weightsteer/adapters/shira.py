@@ -10,13 +10,10 @@ positions add up, as in a COO tensor.
 from __future__ import annotations
 
 from ..errors import AdapterError
-from .base import AdapterFamily, ModuleState, Scheme, require, shape_error, split_keys
+from .base import AdapterFamily, ModuleState, Scheme, require, scale_scaling, shape_error, split_keys
 
 WEIGHT, INDICES = "shira_weight", "shira_indices"
 
-
-def _scale(state: ModuleState, c: float) -> ModuleState:
-    return state.with_scalars(scaling=c * state.scalars["scaling"])
 
 
 class SHiRA(AdapterFamily):
@@ -29,7 +26,7 @@ class SHiRA(AdapterFamily):
             "linear",
             "scale → c·scale",
             "0: base · 1: trained · −1: W − ΔW",
-            _scale,
+            scale_scaling,
         ),
     }
 
