@@ -11,14 +11,13 @@ import click
 
 from . import __version__
 from .adapters import scheme_table
-from .card import record_verification
-from .errors import VerificationError, WeightsteerError
-from .hub import check_push_target, push, repo_url
+from .errors import WeightsteerError
+from .hub import check_push_target, push
 from .inspect import format_report, inspect
 from .export import export_lora
 from .llamacpp import OUTTYPES, check_converter, convert_lora, convert_model
-from .merge import MergeResult, merge_many
-from .verify import VerifyReport, verify
+from .pipeline import Published, merge_and_publish, worst_ratio
+from .verify import verify
 
 
 def _fail_cleanly(command):
@@ -104,80 +103,59 @@ def merge(
     """
     paths = output_paths(output, coeffs)
     repos = _push_targets(push_to, coeffs, private=private, revision=revision, create_pr=create_pr)
-    if gguf:
-        check_converter(llama_cpp)  # a missing converter (or its dependencies) is reported before the merge
     progress = not (quiet or as_json)
-    results = merge_many(
+    published = merge_and_publish(
         adapter,
         paths,
         base=base,
         scheme=scheme,
         dtype=dtype,
         device=device,
-        overwrite=overwrite,
-        progress=progress,
         task_id=task_id,
+        overwrite=overwrite,
+        verify_outputs=verify_mode,
+        push_to=repos,
+        private=private,
+        revision=revision,
+        create_pr=create_pr,
+        gguf=gguf,
+        outtype=outtype,
+        llama_cpp=llama_cpp,
+        progress=progress,
     )
-    for result in results:
-        for warning in result.warnings:
+    for item in published:
+        for warning in item.merge.warnings:
             click.secho(f"warning: {warning}", fg="yellow", err=True)
-    ggufs = {r.coeff: convert_model(r.path, outtype=outtype, llama_cpp=llama_cpp, overwrite=overwrite) for r in results if gguf}
-    verifies = verify_mode or (verify_mode is None and bool(repos))
-    reports = _verify_merged(results, adapter, base, scheme, device, progress, pushing=bool(repos)) if verifies else {}
-    links = {c: repo_url(repo) for c, repo in repos.items()}
-    push_options = dict(private=private, revision=revision, create_pr=create_pr, sibling_links=links, progress=progress)
-    urls = {r.coeff: push(r.path, repos[r.coeff], verify=reports.get(r.coeff, False), **push_options) for r in results if repos}
     if as_json:
-        extra = [
-            {"verification": reports[r.coeff].to_dict() if r.coeff in reports else None, "url": urls.get(r.coeff)}
-            | ({"gguf": ggufs[r.coeff].to_dict()} if r.coeff in ggufs else {})
-            for r in results
-        ]
-        click.echo(json.dumps([r.to_dict() | e for r, e in zip(results, extra)], indent=2))
+        click.echo(json.dumps([item.to_dict() for item in published], indent=2))
     elif not quiet:
-        for r in results:
-            click.echo(
-                f"wrote {r.path}  (coeff {r.coeff:g}, scheme {r.scheme}, {len(r.changed_tensors)} tensors changed; "
-                f"{r.rounding.swallowed_share:.1%} of changed elements lost to rounding)"
-            )
-            if r.coeff in ggufs:
-                click.echo(f"wrote {ggufs[r.coeff].path}  (GGUF {outtype}, llama.cpp's convert_hf_to_gguf.py)")
-            if r.coeff in reports:
-                click.echo(f"verified {r.path}: passed, worst tensor at {_worst_ratio(reports[r.coeff]):.3g}× its tolerance")
-            if r.coeff in urls:
-                click.echo(f"pushed {r.path} to {urls[r.coeff]}")
+        for item in published:
+            _print_published(item, outtype)
+
+
+def _print_published(item: Published, outtype: str) -> None:
+    r = item.merge
+    click.echo(
+        f"wrote {r.path}  (coeff {r.coeff:g}, scheme {r.scheme}, {len(r.changed_tensors)} tensors changed; "
+        f"{r.rounding.swallowed_share:.1%} of changed elements lost to rounding)"
+    )
+    if item.gguf:
+        click.echo(f"wrote {item.gguf.path}  (GGUF {outtype}, llama.cpp's convert_hf_to_gguf.py)")
+    if item.verification:
+        click.echo(f"verified {r.path}: passed, worst tensor at {worst_ratio(item.verification):.3g}× its tolerance")
+    if item.url:
+        click.echo(f"pushed {r.path} to {item.url}")
 
 
 def _push_targets(
     push_to: str | None, coeffs: tuple[float, ...], *, private: bool, revision: str | None, create_pr: bool
 ) -> dict[float, str]:
-    """Repo id per coeff, checked (id, token) before any merge work starts."""
+    """Repo id per coeff (checked by the pipeline before any merge work starts)."""
     if push_to is None:
         if private or revision or create_pr:
             raise click.UsageError("--private, --revision and --create-pr go with --push.")
         return {}
-    repos = per_coeff(push_to, coeffs)
-    for repo in repos.values():
-        check_push_target(repo, revision=revision, create_pr=create_pr)
-    return repos
-
-
-def _verify_merged(
-    results: list[MergeResult], adapter: str, base: str | None, scheme: str | None, device: str, progress: bool, pushing: bool
-) -> dict[float, VerifyReport]:
-    """Verify every merged checkpoint, record the result in its card; raise if any failed (before any push)."""
-    options = dict(base=base, scheme=scheme, device=device, progress=progress)
-    reports = {r.coeff: verify(r.path, adapter, r.coeff, **options) for r in results}
-    for r in results:
-        record_verification(r.path, reports[r.coeff].to_dict())
-    failed = [report.failure_message() for report in reports.values() if not report.ok]
-    if failed:
-        raise VerificationError("\n".join(failed) + ("\nNothing was pushed." if pushing else ""))
-    return reports
-
-
-def _worst_ratio(report: VerifyReport) -> float:
-    return max((c.ratio for c in report.checks), default=0.0)
+    return per_coeff(push_to, coeffs)
 
 
 @main.command("verify")

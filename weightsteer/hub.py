@@ -1,5 +1,4 @@
-"""The Hugging Face Hub: resolving local folders or repo ids (cache honoured, offline when cached), and
-pushing a merged checkpoint, verified first, with its card."""
+"""Publishing to the Hugging Face Hub: a merged checkpoint, verified first, with its card."""
 
 from __future__ import annotations
 
@@ -8,51 +7,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping
 
-from huggingface_hub import HfApi, constants, get_token, snapshot_download
+from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars, validate_repo_id
 
 from .card import NOT_VERIFIED, record_verification
-from .checkpoint import WEIGHT_FORMATS_REFUSED
-from .errors import AdapterError, BaseModelError, PushError, VerificationError
+from .errors import PushError, VerificationError
 from .outputs import PROVENANCE_NAME
 
 if TYPE_CHECKING:
     from .verify import VerifyReport
 
-ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "*.md"]
-BASE_IGNORED = [f"*{suffix}" for suffix in WEIGHT_FORMATS_REFUSED] + ["original/*", "*.onnx", "*.tflite", "*.ot"]
 LARGE_FOLDER_BYTES = 5 * 2**30
-
-
-def resolve(ref: str | Path, kind: str, revision: str | None = None) -> Path:
-    """A local folder as is, or a Hub repo id downloaded into (or read from) the Hub cache.
-
-    kind is "adapter" or "base" and decides which files are fetched and which error is raised.
-    """
-    error = AdapterError if kind == "adapter" else BaseModelError
-    path = Path(ref).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise error(f"{kind} {path} is a file; pass the folder that holds it.")
-        return path
-    try:
-        validate_repo_id(str(ref))
-    except HFValidationError:
-        raise error(f"{kind} {ref!r} is neither an existing folder nor a valid Hub repo id.") from None
-    patterns = {"allow_patterns": ADAPTER_FILES} if kind == "adapter" else {"ignore_patterns": BASE_IGNORED}
-    try:
-        return Path(snapshot_download(str(ref), revision=revision, **patterns))
-    except Exception as e:  # huggingface_hub raises many types: offline, 401, 404, network
-        raise error(
-            f"Could not get {kind} {ref!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
-            "Check the repo id and your token, or pass a local folder. Offline, only repos already in the cache work."
-        ) from e
-
-
-def snapshot_revision(path: Path) -> str | None:
-    """The commit of a folder resolved from the Hub cache (…/snapshots/<commit>); None for local folders."""
-    return path.name if path.parent.name == "snapshots" else None
 
 
 def repo_url(repo_id: str) -> str:

@@ -13,7 +13,7 @@ from .adapters import CONFIG_NAME, REFUSED, family_for, load_adapter
 from .adapters.base import split_keys
 from .checkpoint import Checkpoint
 from .errors import AdapterError, UnsupportedAdapterError
-from .hub import resolve
+from .resolve import resolve
 from .planner import plan_merge
 
 

@@ -32,7 +32,7 @@ from .adapters import Adapter, load_adapter
 from .adapters.base import MODEL_PREFIX, SHARED_PREFIX, ModuleState, Scheme
 from .checkpoint import DTYPES, FLOAT_CODES, Checkpoint, TensorInfo, read_tensor
 from .errors import AdapterError, UnsupportedAdapterError, VerificationError
-from .hub import resolve
+from .resolve import resolve
 from .outputs import PROVENANCE_NAME
 from .planner import OutputTensor, plan_merge
 from .runtime import scaled

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,32 +11,36 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import AdapterError, UnsupportedAdapterError
+from ..registry import Registry
 from .base import AdapterFamily, ModuleState, Scheme, ShapeLookup, split_keys
 
-# PEFT's peft_type → "module:Class" of the family that merges it.
-FAMILIES = {
-    "LORA": "lora:LoRA",
-    "DELORA": "delora:DeLoRA",
-    "VERA": "vera:VeRA",
-    "IA3": "ia3:IA3",
-    "ROAD": "road:RoAd",
-    "ADALORA": "adalora:AdaLoRA",
-    "LOHA": "loha:LoHa",
-    "LOKR": "lokr:LoKr",
-    "OFT": "oft:OFT",
-    "BOFT": "boft:BOFT",
-    "HRA": "hra:HRA",
-    "RANDLORA": "randlora:RandLoRA",
-    "VBLORA": "vblora:VBLoRA",
-    "FOURIERFT": "fourierft:FourierFT",
-    "C3A": "c3a:C3A",
-    "SHIRA": "shira:SHiRA",
-    "MISS": "miss:MiSS",
-    "BONE": "miss:MiSS",
-    "LN_TUNING": "ln_tuning:LNTuning",
-    "TRAINABLE_TOKENS": "trainable_tokens:TrainableTokens",
-    "POLY": "poly:Poly",
+# The built-in families: PEFT's peft_type → the family that merges it. Plugins add theirs as entry points
+# (see weightsteer.registry); both go through one Registry.
+BUILTIN = {
+    "LORA": "weightsteer.adapters.lora:LoRA",
+    "DELORA": "weightsteer.adapters.delora:DeLoRA",
+    "VERA": "weightsteer.adapters.vera:VeRA",
+    "IA3": "weightsteer.adapters.ia3:IA3",
+    "ROAD": "weightsteer.adapters.road:RoAd",
+    "ADALORA": "weightsteer.adapters.adalora:AdaLoRA",
+    "LOHA": "weightsteer.adapters.loha:LoHa",
+    "LOKR": "weightsteer.adapters.lokr:LoKr",
+    "OFT": "weightsteer.adapters.oft:OFT",
+    "BOFT": "weightsteer.adapters.boft:BOFT",
+    "HRA": "weightsteer.adapters.hra:HRA",
+    "RANDLORA": "weightsteer.adapters.randlora:RandLoRA",
+    "VBLORA": "weightsteer.adapters.vblora:VBLoRA",
+    "FOURIERFT": "weightsteer.adapters.fourierft:FourierFT",
+    "C3A": "weightsteer.adapters.c3a:C3A",
+    "SHIRA": "weightsteer.adapters.shira:SHiRA",
+    "MISS": "weightsteer.adapters.miss:MiSS",
+    "BONE": "weightsteer.adapters.miss:MiSS",
+    "LN_TUNING": "weightsteer.adapters.ln_tuning:LNTuning",
+    "TRAINABLE_TOKENS": "weightsteer.adapters.trainable_tokens:TrainableTokens",
+    "POLY": "weightsteer.adapters.poly:Poly",
 }
+
+FAMILIES = Registry(BUILTIN)
 
 _VIRTUAL_TOKENS = (
     "{name} adds learned virtual tokens in front of the input; it changes no weight, so there is nothing to bake "
@@ -72,18 +75,17 @@ def family_for(peft_type: str) -> AdapterFamily:
     if peft_type in REFUSED:
         raise UnsupportedAdapterError(f"Cannot merge a {peft_type} adapter: {REFUSED[peft_type]}")
     if peft_type not in FAMILIES:
-        known = ", ".join(sorted(FAMILIES))
-        raise UnsupportedAdapterError(f"Unknown or unsupported adapter type {peft_type!r}. weightsteer merges: {known}.")
-    module, cls = FAMILIES[peft_type].split(":")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)()
+        known = ", ".join(FAMILIES.names())
+        raise UnsupportedAdapterError(
+            f"Adapter type {peft_type!r} is not supported by weightsteer (it merges: {known}). "
+            "If a package adds it, install that package; otherwise merge with PEFT or open an issue."
+        )
+    return FAMILIES.get(peft_type)
 
 
 def all_families() -> list[AdapterFamily]:
     """One instance per family (BONE reuses MiSS)."""
-    first_type: dict[str, str] = {}
-    for peft_type, target in FAMILIES.items():
-        first_type.setdefault(target, peft_type)
-    return [family_for(t) for t in first_type.values()]
+    return FAMILIES.unique()
 
 
 @dataclass

@@ -1,0 +1,107 @@
+"""merge → gguf → verify → push as one library call, so Python users and `weightsteer build` get the same
+order and the same guarantees as the CLI: push targets and the converter are checked before any merge work,
+every checkpoint is verified before anything is uploaded, and a failed verification uploads nothing."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+from .card import record_verification
+from .errors import VerificationError
+from .hub import check_push_target, push, repo_url
+from .llamacpp import GGUFResult, check_converter, convert_model
+from .merge import MergeResult, merge_many
+from .verify import VerifyReport, verify
+
+PathLike = str | os.PathLike
+
+
+@dataclass
+class Published:
+    """One output of a pipeline run: the merge, and what followed it."""
+
+    merge: MergeResult
+    verification: VerifyReport | None = None
+    gguf: GGUFResult | None = None
+    url: str | None = None
+
+    def to_dict(self) -> dict:
+        return self.merge.to_dict() | {
+            "verification": self.verification.to_dict() if self.verification else None,
+            "url": self.url,
+        } | ({"gguf": self.gguf.to_dict()} if self.gguf else {})
+
+
+def merge_and_publish(
+    adapter: PathLike,
+    outputs: Mapping[float, PathLike],
+    *,
+    base: PathLike | None = None,
+    scheme: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    task_id: int | None = None,
+    overwrite: bool = False,
+    verify_outputs: bool | None = None,
+    push_to: Mapping[float, str] | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    gguf: bool = False,
+    outtype: str = "f32",
+    llama_cpp: PathLike | None = None,
+    progress: bool = False,
+) -> list[Published]:
+    """Merge at every coeff of `outputs` (coeff → folder) from one read of the base, then convert, verify and push.
+
+    verify_outputs=None verifies only what is pushed; False pushes unverified (the card says so).
+    push_to maps coeffs to Hub repo ids.
+    """
+    repos = dict(push_to or {})
+    for repo in repos.values():
+        check_push_target(repo, revision=revision, create_pr=create_pr)
+    if gguf:
+        check_converter(llama_cpp)  # a missing converter (or its dependencies) is reported before the merge
+    results = merge_many(
+        adapter, outputs, base=base, scheme=scheme, dtype=dtype, device=device, overwrite=overwrite, progress=progress, task_id=task_id
+    )
+    published = [Published(r) for r in results]
+    for item in published:
+        if gguf:
+            item.gguf = convert_model(item.merge.path, outtype=outtype, llama_cpp=llama_cpp, overwrite=overwrite)
+    if verify_outputs or (verify_outputs is None and repos):
+        _verify_all(published, adapter, base, scheme, device, progress, pushing=bool(repos))
+    links = {c: repo_url(repo) for c, repo in repos.items()}
+    for item in published:
+        if item.merge.coeff in repos:
+            item.url = push(
+                item.merge.path,
+                repos[item.merge.coeff],
+                verify=item.verification or False,
+                private=private,
+                revision=revision,
+                create_pr=create_pr,
+                sibling_links=links,
+                progress=progress,
+            )
+    return published
+
+
+def _verify_all(
+    published: list[Published], adapter: PathLike, base: PathLike | None, scheme: str | None, device: str | None, progress: bool, pushing: bool
+) -> None:
+    """Verify every merged checkpoint and record the result in its card; raise if any failed (before any push)."""
+    for item in published:
+        r = item.merge
+        item.verification = verify(r.path, adapter, r.coeff, base=base, scheme=scheme, device=device, progress=progress)
+        record_verification(r.path, item.verification.to_dict())
+    failed = [item.verification.failure_message() for item in published if not item.verification.ok]
+    if failed:
+        raise VerificationError("\n".join(failed) + ("\nNothing was pushed." if pushing else ""))
+
+
+def worst_ratio(report: VerifyReport) -> float:
+    """The verification's worst tensor, as a multiple of its tolerance."""
+    return max((c.ratio for c in report.checks), default=0.0)
