@@ -61,9 +61,20 @@ def record_verification(folder: Path, verification: Mapping, **card_options) -> 
     rewrite the card. card_options go to `write_card`."""
     path = folder / PROVENANCE_NAME
     provenance = json.loads(path.read_text())
-    provenance["verification"] = dict(verification)
+    provenance["verification"] = _without_local_paths(verification)
     path.write_text(json.dumps(provenance, indent=2) + "\n")
     write_card(folder, **card_options)
+
+
+def _without_local_paths(verification: Mapping) -> dict:
+    """The summary as published: local folders by name (or Hub id), not by this machine's paths."""
+    from .resolve import published_reference
+
+    summary = dict(verification)
+    for key in ("merged", "adapter", "base"):
+        if isinstance(summary.get(key), str) and Path(summary[key]).exists():
+            summary[key] = published_reference(summary[key], Path(summary[key]))[0]
+    return summary
 
 
 def write_card(
@@ -91,10 +102,10 @@ def write_card(
 
 
 def _metadata(provenance: dict) -> ModelCardData:
-    on_hub = provenance.get("base_revision") is not None  # the merge read the base from the Hub
+    base_id = provenance.get("base_model_id")  # read from the Hub (cache), or given as base_id: a link
     return ModelCardData(
-        base_model=provenance["base_model"] if on_hub else None,
-        base_model_relation="finetune" if on_hub else None,
+        base_model=base_id,
+        base_model_relation="finetune" if base_id else None,
         library_name="transformers",
         license=provenance.get("base_license"),
         tags=["weightsteer", "steering", "merged-adapter", provenance["adapter_type"].lower()],

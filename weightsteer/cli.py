@@ -4,46 +4,105 @@ from __future__ import annotations
 
 import functools
 import json
+import string
 import sys
+import traceback
 from pathlib import Path
 
 import click
 
 from . import __version__
 from .adapters import scheme_table
-from .errors import WeightsteerError
+from .errors import WeightsteerError, redact
 from .hub import check_push_target, push
 from .inspect import format_report, inspect
 from .export import export_lora
 from .llamacpp import OUTTYPES, check_converter, convert_lora, convert_model
+from .card import record_verification
+from .outputs import PROVENANCE_NAME
 from .pipeline import Published, merge_and_publish, worst_ratio
 from .verify import verify
 
 
+# Library messages name Python arguments; the CLI names its flags.
+CLI_WORDING = {
+    "overwrite=True": "--overwrite",
+    "dtype='bfloat16'": "--dtype bfloat16",
+    "adapter= / coeff=": "--adapter / --coeff",
+    "adapter= / base=": "--adapter / --base",
+}
+
+
+def cli_wording(text: str) -> str:
+    """A library message as the CLI prints it: flags instead of arguments, and no secret."""
+    for argument, flag in CLI_WORDING.items():
+        text = text.replace(argument, flag)
+    return redact(text)
+
+
 def _fail_cleanly(command):
-    """Turn WeightsteerError into a one-line message (or JSON) and exit code 1."""
+    """Turn WeightsteerError into a one-line message (or JSON) and exit code 1. Anything else is a bug: its
+    traceback is printed redacted (a library's message may quote the token), also exit code 1."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except WeightsteerError as e:
+            message = cli_wording(str(e))
             if kwargs.get("as_json"):
-                click.echo(json.dumps({"error": str(e), "type": type(e).__name__}))
+                click.echo(json.dumps({"error": message, "type": type(e).__name__}))
             else:
-                click.secho(f"error: {e}", fg="red", err=True)
+                click.secho(f"error: {message}", fg="red", err=True)
+            sys.exit(1)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception:
+            click.echo(redact(traceback.format_exc()), err=True)
+            click.secho("error: weightsteer failed unexpectedly (a bug: please report the traceback above).", fg="red", err=True)
             sys.exit(1)
 
     return wrapper
 
 
+def coeff_text(c: float) -> str:
+    """The shortest text that reads back as exactly this coeff: 0.1 → "0.1", 1.0 → "1", 1e-12 → "1e-12"."""
+    text = repr(float(c))
+    return text[:-2] if text.endswith(".0") else text
+
+
 def per_coeff(name: str, coeffs: tuple[float, ...]) -> dict[float, str]:
-    """One name per coeff: NAME as is for one coeff; NAME-c<coeff> (or a {coeff} placeholder) for several."""
-    if "{coeff}" in name:
-        return {c: name.format(coeff=f"{c:g}") for c in coeffs}
-    if len(coeffs) == 1:
-        return {coeffs[0]: name}
-    return {c: f"{name}-c{c:g}" for c in coeffs}
+    """One name per coeff: NAME as is for one coeff; NAME-c<coeff> (or a {coeff} placeholder) for several.
+
+    Coeffs are written so that they read back exactly (0.1 and 0.1000001 get different names); names that
+    still collide are refused before any work."""
+    pieces = _placeholder_pieces(name)
+    if len(pieces) > 1:
+        names = {c: coeff_text(c).join(pieces) for c in coeffs}
+    elif len(coeffs) == 1:
+        names = {coeffs[0]: pieces[0]}
+    else:
+        names = {c: f"{pieces[0]}-c{coeff_text(c)}" for c in coeffs}
+    if len(set(names.values())) != len(names):
+        raise click.BadParameter(f"two coeffs would get the same name from {name!r}", param_hint="--coeff")
+    return names
+
+
+def _placeholder_pieces(name: str) -> list[str]:
+    """NAME split at its {coeff} placeholders ({{ and }} stand for braces); any other field is refused."""
+    pieces, current = [], ""
+    try:
+        for literal, field, spec, conversion in string.Formatter().parse(name):
+            current += literal
+            if field is None:
+                continue
+            if field != "coeff" or spec or conversion:
+                raise click.BadParameter(f"{name!r}: only {{coeff}} may stand in braces (found {{{field}}}); write {{{{ and }}}} for literal braces.")
+            pieces.append(current)
+            current = ""
+    except ValueError as e:  # an unmatched brace
+        raise click.BadParameter(f"{name!r}: {e}; write {{{{ and }}}} for literal braces, {{coeff}} for the coeff.") from None
+    return [*pieces, current]
 
 
 def output_paths(output: str, coeffs: tuple[float, ...]) -> dict[float, Path]:
@@ -64,6 +123,7 @@ def main() -> None:
 @click.option("-o", "--output", required=True, help="Output folder. With several --coeff: OUTPUT-c<coeff>, or use {coeff} in it.")
 @click.option("-c", "--coeff", "coeffs", type=float, multiple=True, default=(1.0,), show_default=True, help="Strength; repeat for several checkpoints from one read of the base.")
 @click.option("--base", help="Base model folder or Hub repo id [default: the adapter's base_model_name_or_path].")
+@click.option("--base-id", metavar="ORG/NAME", help="The base's Hub repo id, for the card's base_model link when --base is a local folder.")
 @click.option("--scheme", help="How coeff is read (see `weightsteer schemes`) [default: linear].")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype [default: the base's].")
 @click.option("--device", default="cpu", show_default=True, help="Where the math runs, e.g. cuda.")
@@ -87,7 +147,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
 @_fail_cleanly
 def merge(
-    adapter, output, coeffs, base, scheme, dtype, device, task_id, overwrite, verify_mode, push_to, private, revision, create_pr,
+    adapter, output, coeffs, base, base_id, scheme, dtype, device, task_id, overwrite, verify_mode, push_to, private, revision, create_pr,
     gguf, outtype, llama_cpp, quiet, as_json
 ) -> None:
     """Merge ADAPTER (folder or Hub repo id) into its base model and write standalone checkpoints.
@@ -108,6 +168,7 @@ def merge(
         adapter,
         paths,
         base=base,
+        base_id=base_id,
         scheme=scheme,
         dtype=dtype,
         device=device,
@@ -125,7 +186,7 @@ def merge(
     )
     for item in published:
         for warning in item.merge.warnings:
-            click.secho(f"warning: {warning}", fg="yellow", err=True)
+            click.secho(f"warning: {cli_wording(warning)}", fg="yellow", err=True)
     if as_json:
         click.echo(json.dumps([item.to_dict() for item in published], indent=2))
     elif not quiet:
@@ -139,6 +200,12 @@ def _print_published(item: Published, outtype: str) -> None:
         f"wrote {r.path}  (coeff {r.coeff:g}, scheme {r.scheme}, {len(r.changed_tensors)} tensors changed; "
         f"{r.rounding.swallowed_share:.1%} of changed elements lost to rounding)"
     )
+    provenance = json.loads((r.path / PROVENANCE_NAME).read_text())
+    if not provenance.get("base_model_id"):
+        click.echo(
+            f"  its card has no base_model link: the base {provenance['base_model']} is a local folder with no known "
+            "Hub id (--base-id org/name sets it)"
+        )
     if item.gguf:
         click.echo(f"wrote {item.gguf.path}  (GGUF {outtype}, llama.cpp's convert_hf_to_gguf.py)")
     if item.verification:
@@ -210,13 +277,15 @@ def verify_command(merged, adapter, coeff, base, scheme, task_id, atol, logits, 
         device=device,
         progress=not (quiet or as_json),
     )
+    if report.ok and (Path(merged) / PROVENANCE_NAME).is_file():
+        record_verification(Path(merged), report.to_dict())  # the card's "Not verified yet" becomes the result
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif not quiet:
         click.echo(report.summary())
     if not report.ok:
         if not as_json:
-            click.secho(f"error: {report.failure_message()}", fg="red", err=True)
+            click.secho(f"error: {cli_wording(report.failure_message())}", fg="red", err=True)
         sys.exit(1)
 
 
@@ -336,7 +405,7 @@ def export_lora_command(adapter, output, coeff, base, scheme, rank, energy, task
         progress=not (quiet or as_json),
     )
     for warning in result.warnings:
-        click.secho(f"warning: {warning}", fg="yellow", err=True)
+        click.secho(f"warning: {cli_wording(warning)}", fg="yellow", err=True)
     converted = None
     if gguf:
         converted = convert_lora(output, result.base, outtype=outtype, llama_cpp=llama_cpp, overwrite=overwrite)

@@ -48,6 +48,14 @@ class RoundingReport:
     swallowed: float = 0  # of those, elements that rounded back to the base value
     change_norm_sq: float = 0.0  # ‖W' − W‖² in fp32
     error_norm_sq: float = 0.0  # ‖round(W') − W'‖² over changed tensors
+    overflowed: float = 0  # elements finite in fp32 that became ±inf in the output dtype (exact count)
+    overflow_tensor: str | None = None  # the first tensor that overflowed, and its largest |value| in fp32
+    overflow_peak: float = 0.0
+
+    def add_overflow(self, name: str, count: int, peak: float) -> None:
+        if self.overflow_tensor is None:
+            self.overflow_tensor, self.overflow_peak = name, peak
+        self.overflowed += count
 
     def add(self, base: torch.Tensor, target: torch.Tensor, rounded: torch.Tensor, base_rounded: torch.Tensor) -> None:
         step = max(1, target.numel() // SAMPLE_ELEMENTS) if target.dim() > 1 else 1
@@ -71,9 +79,10 @@ class RoundingReport:
         return math.sqrt(self.error_norm_sq / self.change_norm_sq) if self.change_norm_sq else 0.0
 
     def summary(self, dtype: str) -> str:
+        overflow = f"; {self.overflowed:.0f} values overflowed to inf" if self.overflowed else ""
         return (
             f"rounding to {dtype}: {self.swallowed_share:.1%} of changed elements rounded back to the base value; "
-            f"relative error of the change {self.relative_error:.2%}"
+            f"relative error of the change {self.relative_error:.2%}{overflow}"
         )
 
 
@@ -247,8 +256,15 @@ def _merged(tensor: OutputTensor, base: torch.Tensor, base_rounded: torch.Tensor
     """The edited tensor at result.coeff, rounded once to the output dtype; updates the report."""
     target = tensor.edit(base, plan.scheme, result.coeff)
     if not math.isfinite(float(target.sum())):  # one pass; NaN and inf survive a sum
-        raise AdapterError(f"Merging {tensor.name} at coeff {result.coeff} gives NaN or inf; check the adapter and coeff.")
+        raise AdapterError(
+            f"Merging {tensor.name} at coeff {result.coeff:g} gives NaN or inf even in float32; check the adapter and coeff."
+        )
     rounded = target.to(base_rounded.dtype)
+    if rounded.is_floating_point() and torch.finfo(rounded.dtype).max < torch.finfo(torch.float32).max:
+        overflowed = int(torch.isinf(rounded).sum())  # target is finite: every inf is an overflow
+        if overflowed:
+            result.rounding.add_overflow(tensor.name, overflowed, float(target.abs().max()))
+            rounded = torch.where(torch.isinf(rounded), base_rounded, rounded)  # keep the statistics finite; refused later
     before = result.rounding.changed
     result.rounding.add(base, target, rounded, base_rounded)
     if result.rounding.changed > before or not torch.equal(target, base):

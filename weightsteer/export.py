@@ -35,7 +35,7 @@ from .adapters import Adapter
 from .adapters.base import MODEL_PREFIX, AdapterFamily, ModuleState, Scheme
 from .checkpoint import Checkpoint
 from .errors import ExportError
-from .outputs import check_output, publish, remove_quietly, staging_dir
+from .outputs import OutputSlot
 from .merge import finite_coeff, open_plan
 from .planner import EMBEDDING_SUFFIXES, HEAD, OutputTensor, _resolve, _tied_embedding
 
@@ -116,20 +116,17 @@ def export_lora(
     coeff = finite_coeff(coeff)
     _check_truncation(rank, energy)
     output = Path(output)
-    check_output(output, overwrite)
-    plan, base_ref, _ = open_plan(adapter, base=base, scheme=scheme, task_id=task_id)
-    loaded, checkpoint, chosen = plan.adapter, plan.checkpoint, plan.scheme
-    result = LoraExport(output, coeff, chosen.name, loaded.peft_type, 0, checkpoint.root)
-    modules = _module_changes(plan.edited, checkpoint, loaded, chosen, coeff, rank, energy, result, progress)
-    _add_tied_head(modules, checkpoint, plan.config_patch, plan.edited)
-    result.rank = max((m["factors"][0].shape[1] for m in modules.values() if "factors" in m), default=1)
-    result.modules = [m["report"] for m in modules.values() if "report" in m]
-    staging = staging_dir(output)
-    try:
-        _write(staging, modules, result.rank, loaded, base_ref, result)
-        publish(staging, output)
-    finally:
-        remove_quietly(staging)
+    with OutputSlot(output, overwrite, marker=REPORT_NAME) as slot:  # locked from this check to the publish
+        plan, base_ref, _ = open_plan(adapter, base=base, scheme=scheme, task_id=task_id)
+        loaded, checkpoint, chosen = plan.adapter, plan.checkpoint, plan.scheme
+        slot.protect(base=checkpoint.root, adapter=loaded.path)
+        result = LoraExport(output, coeff, chosen.name, loaded.peft_type, 0, checkpoint.root, warnings=list(slot.notes))
+        modules = _module_changes(plan.edited, checkpoint, loaded, chosen, coeff, rank, energy, result, progress)
+        _add_tied_head(modules, checkpoint, plan.config_patch, plan.edited)
+        result.rank = max((m["factors"][0].shape[1] for m in modules.values() if "factors" in m), default=1)
+        result.modules = [m["report"] for m in modules.values() if "report" in m]
+        _write(slot.stage(), modules, result.rank, loaded, base_ref, result)
+        slot.publish()
     return result
 
 

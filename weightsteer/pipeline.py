@@ -39,6 +39,7 @@ def merge_and_publish(
     outputs: Mapping[float, PathLike],
     *,
     base: PathLike | None = None,
+    base_id: str | None = None,
     scheme: str | None = None,
     dtype: str | None = None,
     device: str | None = None,
@@ -65,7 +66,8 @@ def merge_and_publish(
     if gguf:
         check_converter(llama_cpp)  # a missing converter (or its dependencies) is reported before the merge
     results = merge_many(
-        adapter, outputs, base=base, scheme=scheme, dtype=dtype, device=device, overwrite=overwrite, progress=progress, task_id=task_id
+        adapter, outputs, base=base, scheme=scheme, dtype=dtype, device=device, overwrite=overwrite, progress=progress, task_id=task_id,
+        base_id=base_id,
     )
     published = [Published(r) for r in results]
     for item in published:

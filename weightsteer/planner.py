@@ -138,9 +138,12 @@ def plan_merge(
 def _add_module_edits(edits: dict[str, Edit], checkpoint: Checkpoint, family: AdapterFamily, state: ModuleState) -> None:
     weight_name = _resolve(checkpoint, state.path + ".weight", what=f"adapter module {state.path}")
     weight_shape = _info(checkpoint, weight_name).shape
-    if state.layer == "linear" and checkpoint.config.get("model_type") in CONV1D_MODELS:
-        # PEFT saves one fan_in_fan_out flag for all modules (the last one it wrapped); the architecture knows.
-        state.fan_in_fan_out = state.path.endswith(CONV1D_MODULES)
+    if state.layer == "linear":
+        # PEFT decides per layer type: Conv1D forces fan_in_fan_out=True, nn.Linear warns and resets it to False
+        # (peft/tuners/lora/layer.py dispatch_default); the saved flag is the last wrapped layer's. The
+        # architecture says which layers are Conv1D.
+        conv1d_model = checkpoint.config.get("model_type") in CONV1D_MODELS
+        state.fan_in_fan_out = conv1d_model and state.path.endswith(CONV1D_MODULES)
     if state.fan_in_fan_out:
         weight_shape = weight_shape[::-1]
     bias_name = weight_name.removesuffix("weight") + "bias"

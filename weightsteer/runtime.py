@@ -10,7 +10,7 @@ import torch
 
 from .adapters import family_for
 from .adapters.base import MODEL_PREFIX, Scheme
-from .errors import SchemeError
+from .errors import AdapterError, SchemeError
 
 PEFT_ONLY_KWARGS = ("task_ids", "adapter_names")  # tuner-layer arguments the wrapped base layer does not take
 
@@ -27,8 +27,16 @@ def scaled(model: torch.nn.Module, coeff: float, *, scheme: str | None = None, a
 
     if not math.isfinite(coeff):
         raise SchemeError(f"coeff must be a finite number, got {coeff}.")
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        raise AdapterError(
+            f"scaled() needs a PEFT model with an adapter (e.g. PeftModel.from_pretrained(base, adapter)); got a "
+            f"{type(model).__name__}."
+        )
     adapter = adapter or model.active_adapter
-    config = model.peft_config[adapter]
+    if adapter not in configs:
+        raise AdapterError(f"The model has no adapter named {adapter!r}; its adapters: {', '.join(map(repr, configs))}.")
+    config = configs[adapter]
     family = family_for(getattr(config.peft_type, "value", config.peft_type))
     chosen = family.scheme(scheme)
     if getattr(config, "bias", "none") != "none":
