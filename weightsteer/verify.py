@@ -216,7 +216,8 @@ def verify(
     chosen = loaded.family.scheme(scheme or recorded.get("scheme", {}).get("name"))
     options = recorded.get("options", {}) if task_id is None else {"task_id": task_id}
     report = VerifyReport(merged, adapter_ref, base_ref, float(coeff), chosen.name, atol, recorded=from_record)
-    checker = _Checker(loaded, chosen, report.coeff, options, base_checkpoint, Checkpoint(merged), atol, compute_device)
+    with _blaming_record(merged, "adapter" in from_record, f"the adapter {adapter_ref!r}"):  # plans from its config
+        checker = _Checker(loaded, chosen, report.coeff, options, base_checkpoint, Checkpoint(merged), atol, compute_device)
     checker.run(report, progress)
     if logits or prompts is not None:
         dtype = _float_dtype(checker.merged)
