@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import DTYPES, ShardWriter
 from .errors import AdapterError
+from .outputs import fault_point
 from .planner import MergePlan, OutputTensor
 
 
@@ -269,6 +270,7 @@ def _merged(tensor: OutputTensor, base: torch.Tensor, base_rounded: torch.Tensor
     result.rounding.add(base, target, rounded, base_rounded)
     if result.rounding.changed > before or not torch.equal(target, base):
         result.changed_tensors.append(tensor.name)
+    fault_point("streaming")
     return rounded
 
 

@@ -15,7 +15,7 @@ from .adapters import load_adapter
 from .checkpoint import DTYPES, Checkpoint
 from .engine import RoundingReport, stream
 from .errors import AdapterError, BaseModelError, DeviceError, OutputError, SchemeError
-from .outputs import OutputSlot, check_free_space, disk_errors
+from .outputs import OutputSlot, check_free_space, disk_errors, fault_point
 from .planner import MergePlan, plan_merge
 from .provenance import finish_output
 from .resolve import resolve
@@ -101,6 +101,7 @@ def merge_many(
     compute_device = checked_device(device)
     with ExitStack() as held:
         slots = [held.enter_context(OutputSlot(path, overwrite)) for path in targets.values()]  # locked until published
+        fault_point("locked")
         plan, base_ref, options = open_plan(adapter, base=base, scheme=scheme, task_id=task_id, dtype=_torch_dtype(dtype))
         loaded, chosen = plan.adapter, plan.scheme
         for slot in slots:

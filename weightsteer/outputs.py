@@ -39,15 +39,16 @@ PROVENANCE_NAME = "weightsteer.json"
 LOCAL_PATHS_NAME = ".weightsteer-local.json"  # absolute local input paths, for verify on this machine; never pushed
 SKIPPED_DIRS = {".git", ".cache", ".huggingface"}
 STAGING_INFIX = ".weightsteer-"
-FAULT_ENV = "WEIGHTSTEER_TEST_KILL_AT"  # tests/test_faults.py: SIGKILL this process at the named point
+FAULT_ENV = "WEIGHTSTEER_TEST_FAULT"  # tests/test_faults.py: "POINT" (SIGKILL there) or "POINT:STOP" (SIGSTOP)
 DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded", errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
 _RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
 
 
 def fault_point(name: str) -> None:
-    """Fault injection for the tests: die here, as a crash or `kill -9` would, when the env var names this point."""
-    if os.environ.get(FAULT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Fault injection for the tests: die here as `kill -9` would (or stop) when $WEIGHTSTEER_TEST_FAULT names this point."""
+    point, _, signal_name = os.environ.get(FAULT_ENV, "").partition(":")
+    if point == name:
+        os.kill(os.getpid(), getattr(signal, f"SIG{signal_name or 'KILL'}"))
 
 
 class OutputSlot:
