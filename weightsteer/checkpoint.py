@@ -80,7 +80,7 @@ def read_header(path: Path) -> tuple[dict[str, str], list[TensorInfo]]:
     except (OSError, ValueError, RecursionError) as e:
         raise BaseModelError(f"{path}: not a readable safetensors file ({e}).") from None
     if not isinstance(header, dict):
-        raise BaseModelError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object.")
+        raise BaseModelError(f"{path}: the safetensors header is a JSON {json_kind(header)}, not an object.")
     metadata = _checked_metadata(path, header.pop("__metadata__", None))
     data_start, data_size = 8 + length, size - 8 - length
     tensors = [_tensor_info(path, name, entry, data_start, data_size) for name, entry in header.items()]
@@ -93,7 +93,7 @@ def _checked_metadata(path: Path, metadata: object) -> dict[str, str]:
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
-        raise BaseModelError(f"{path}: __metadata__ is a {type(metadata).__name__}, not a string → string map.")
+        raise BaseModelError(f"{path}: __metadata__ is a JSON {json_kind(metadata)}, not a string → string map.")
     for key, value in metadata.items():
         if not isinstance(value, str):
             raise BaseModelError(
@@ -124,6 +124,13 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_siz
     if end - begin != _numel(tuple(shape)) * dtype_itemsize(dtype):
         raise bad(f"has {end - begin} data bytes for shape {shape} in {dtype}")
     return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+
+
+def json_kind(value: object) -> str:
+    """What a parsed JSON value is, in JSON's words."""
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
 
 
 def _natural(value: object) -> bool:
@@ -199,7 +206,7 @@ class Checkpoint:
             raise BaseModelError(f"{self.root} has no config.json; is it a transformers model folder?")
         config = _read_json(path, BaseModelError)
         if not isinstance(config, dict):
-            raise BaseModelError(f"{path} holds a JSON {type(config).__name__}, not an object; it is not a model config.")
+            raise BaseModelError(f"{path} holds a JSON {json_kind(config)}, not an object; it is not a model config.")
         return config
 
     @property

@@ -11,6 +11,7 @@ from typing import Mapping
 import torch
 from safetensors.torch import load_file
 
+from ..checkpoint import json_kind
 from ..errors import AdapterError, UnsupportedAdapterError
 from ..registry import Registry
 from .base import AdapterFamily, ModuleState, Scheme, ShapeLookup, split_keys
@@ -124,18 +125,24 @@ class Adapter:
 def load_adapter(path: str | Path) -> Adapter:
     """Read adapter_config.json and the adapter weights from a local folder."""
     path = Path(path)
-    config_path = path / CONFIG_NAME
+    config = read_config(path)
+    family = family_for(config["peft_type"])
+    tensors = _read_tensors(path)
+    _check_rank(config, tensors, path / CONFIG_NAME)
+    return Adapter(path, config, family, tensors)
+
+
+def read_config(folder: Path) -> dict:
+    """A folder's adapter_config.json, checked (see `check_config`)."""
+    config_path = folder / CONFIG_NAME
     if not config_path.is_file():
-        raise AdapterError(f"{path} has no {CONFIG_NAME}; pass the folder PEFT's save_pretrained wrote.")
+        raise AdapterError(f"{folder} has no {CONFIG_NAME}; pass the folder PEFT's save_pretrained wrote.")
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError, RecursionError) as e:
         raise AdapterError(f"{config_path} is not valid JSON: {e}") from None
     check_config(config, config_path)
-    family = family_for(config["peft_type"])
-    tensors = _read_tensors(path)
-    _check_rank(config, tensors, config_path)
-    return Adapter(path, config, family, tensors)
+    return config
 
 
 # Types of the config fields weightsteer reads across families (PEFT's *Config dataclasses); None is allowed.
@@ -166,7 +173,7 @@ def check_config(config: object, where: Path) -> None:
     """The shape of an adapter_config.json, before any family reads it: an object with a string peft_type,
     and the common fields of the types PEFT writes (see CONFIG_TYPES)."""
     if not isinstance(config, dict):
-        raise AdapterError(f"{where} holds a JSON {type(config).__name__}, not an object; is it a PEFT adapter config?")
+        raise AdapterError(f"{where} holds a JSON {json_kind(config)}, not an object; is it a PEFT adapter config?")
     if "peft_type" not in config:
         raise AdapterError(f"{where} has no peft_type; is it a PEFT adapter config?")
     if not isinstance(config["peft_type"], str):
