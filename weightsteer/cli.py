@@ -278,7 +278,10 @@ def verify_command(merged, adapter, coeff, base, scheme, task_id, atol, logits, 
         progress=not (quiet or as_json),
     )
     if report.ok and (Path(merged) / PROVENANCE_NAME).is_file():
-        record_verification(Path(merged), report.to_dict())  # the card's "Not verified yet" becomes the result
+        try:
+            record_verification(Path(merged), report.to_dict())  # the card's "Not verified yet" becomes the result
+        except OSError as e:
+            click.secho(f"warning: could not record the verification in {merged}'s card: {e.strerror}", fg="yellow", err=True)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif not quiet:

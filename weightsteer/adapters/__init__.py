@@ -186,19 +186,15 @@ def check_config(config: object, where: Path) -> None:
         if wrong or (isinstance(value, float) and not math.isfinite(value)):
             expected = "number" if types == _NUMBER else " or ".join(_TYPE_NAMES[t] for t in types)
             raise AdapterError(f"{where}: {key} is {json.dumps(value)[:60]}, but PEFT writes a {expected} there.")
-    for key in ("rank_pattern", "alpha_pattern"):
-        for name, value in (config.get(key) or {}).items():
-            if isinstance(value, bool) or not isinstance(value, _NUMBER) or not math.isfinite(value):
-                raise AdapterError(f"{where}: {key}[{name!r}] is {json.dumps(value)[:60]}, not a number.")
 
 
 def _check_rank(config: dict, tensors: Mapping[str, torch.Tensor], where: Path) -> None:
     """A rank no saved tensor has is a config that does not belong to these tensors (PEFT would fail to load
     them, after allocating r-sized matrices: r = 10^8 is tens of GB)."""
-    ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]
+    ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]  # AdaLoRA's pattern holds masks
     largest = max((d for t in tensors.values() for d in t.shape), default=0)
     for r in ranks:
-        if isinstance(r, int) and (r < 0 or r > largest):
+        if isinstance(r, int) and not isinstance(r, bool) and (r < 0 or r > largest):
             raise AdapterError(
                 f"{where}: r = {r}, but no tensor in the adapter has a dimension that large (largest {largest}); "
                 "the config does not match the saved tensors."
