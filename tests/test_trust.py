@@ -203,8 +203,10 @@ def test_verify_fails_on_nan_anywhere(inputs, tmp_path, tensor):
 
 
 def test_float16_overflow_is_refused_naming_tensor_and_value(inputs, tmp_path):
-    with pytest.raises(weightsteer.OutputError, match=r"overflows F16: \d+ values become inf, e\.g\. in model\..*largest value is .*bfloat16"):
+    with pytest.raises(weightsteer.OutputError, match=r"overflows F16: \d+ values become inf, e\.g\. in model\..*largest value is .*dtype='bfloat16'"):
         weightsteer.merge(inputs[1], tmp_path / "out", coeff=1e6, dtype="float16")
+    line = one_line_error(cli("merge", inputs[1], "-o", tmp_path / "out", "-c", "1e6", "--dtype", "float16"))
+    assert "use --dtype bfloat16 (or float32)" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
 
 
@@ -367,6 +369,7 @@ BAD_INPUTS = {
     "index without weight_map": (lambda b, a: (b / "model.safetensors.index.json").write_text('{"metadata": {}}'), "weight_map"),
     "config.json a list": (lambda b, a: (b / "config.json").write_text("[1, 2]"), "JSON array, not an object"),
     "config.json null": (lambda b, a: (b / "config.json").write_text("null"), "JSON null, not an object"),
+    "quantization_config a list": (lambda b, a: _edit_json(b / "config.json", lambda c: c | {"quantization_config": [4]}), "quantized"),
     "adapter_config a bare number": (lambda b, a: (a / "adapter_config.json").write_text("5"), "not an object"),
     "lora_alpha a string": (lambda b, a: _edit_json(a / "adapter_config.json", lambda c: c | {"lora_alpha": "16"}), "lora_alpha"),
     "peft_type a list": (lambda b, a: _edit_json(a / "adapter_config.json", lambda c: c | {"peft_type": ["LORA"]}), "peft_type"),

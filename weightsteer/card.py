@@ -102,7 +102,8 @@ def write_card(
 
 
 def _metadata(provenance: dict) -> ModelCardData:
-    base_id = provenance.get("base_model_id")  # read from the Hub (cache), or given as base_id: a link
+    # Read from the Hub (cache) or given as base_id; records of weightsteer 0.1 marked Hub bases by a revision.
+    base_id = provenance.get("base_model_id", provenance["base_model"] if provenance.get("base_revision") else None)
     return ModelCardData(
         base_model=base_id,
         base_model_relation="finetune" if base_id else None,

@@ -204,7 +204,8 @@ def _refuse_quantized(checkpoint: Checkpoint) -> None:
     quantization = checkpoint.config.get("quantization_config")
     quantized = [n for n in checkpoint.tensors if n.endswith(QUANTIZED_SUFFIXES)]
     if quantization or quantized:
-        method = (quantization or {}).get("quant_method", "quantized tensors such as " + (quantized or ["?"])[0])
+        settings = quantization if isinstance(quantization, dict) else {}
+        method = settings.get("quant_method", "quantized tensors such as " + (quantized or ["?"])[0])
         raise BaseModelError(
             f"The base {checkpoint.root} is quantized ({method}). Adding a change to quantized weights either "
             "loses it or silently re-quantizes the whole tensor; merge into the unquantized base model and "

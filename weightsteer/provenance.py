@@ -79,7 +79,7 @@ def _refuse_broken(plan: MergePlan, result: "MergeResult") -> None:
         raise OutputError(
             f"Merging at coeff {result.coeff:g} overflows {dtype}: {rounding.overflowed:.0f} values become inf, e.g. in "
             f"{rounding.overflow_tensor}, whose largest value is {rounding.overflow_peak:.6g}. Nothing was written; "
-            "use --dtype bfloat16 or float32 (dtype='bfloat16'), or a smaller |coeff|."
+            "use dtype='bfloat16' (or float32), or a smaller |coeff|."
         )
     if not result.changed_tensors and result.coeff != 0:
         raise AdapterError(
