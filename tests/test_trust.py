@@ -237,11 +237,12 @@ def test_base_metadata_that_safetensors_cannot_load_is_refused(inputs, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
-def test_links_leaving_the_base_are_refused_by_name(inputs, tmp_path):
+def test_links_leaving_the_base_are_refused_by_name(inputs, tmp_path, monkeypatch):
     base, adapter = inputs
     secret = tmp_path / "private.txt"
     secret.write_text("not for the Hub")
     (base / "notes.txt").symlink_to(secret)
+    monkeypatch.setattr(sys.modules["weightsteer.merge"], "stream", lambda *a, **k: pytest.fail("the base was streamed"))
     line = one_line_error(cli("merge", adapter, "-o", tmp_path / "out"))
     assert "notes.txt links to" in line and "outside the model folder" in line
     assert not (tmp_path / "out").exists()

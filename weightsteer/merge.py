@@ -15,7 +15,7 @@ from .adapters import load_adapter
 from .checkpoint import DTYPES, Checkpoint
 from .engine import RoundingReport, stream
 from .errors import AdapterError, BaseModelError, DeviceError, OutputError, SchemeError
-from .outputs import OutputSlot, check_free_space, disk_errors, fault_point
+from .outputs import OutputSlot, check_free_space, disk_errors, fault_point, support_files
 from .planner import MergePlan, plan_merge
 from .provenance import finish_output
 from .resolve import resolve
@@ -122,11 +122,11 @@ def merge_many(
 
 
 def output_bytes(plan: MergePlan) -> int:
-    """The size of one output folder: its tensors plus the base's other files (an upper bound)."""
+    """The size of one output folder, an upper bound: its tensors, the base's other files (whose links are
+    checked here, before any work), headers, index, card and weightsteer.json."""
     tensors = sum(t.nbytes for shard in plan.shards.values() for t in shard) + sum(8 + 64 * len(shard) for shard in plan.shards.values())
-    weights = plan.checkpoint.weight_files()
-    support = sum(p.stat().st_size for p in plan.checkpoint.root.iterdir() if p.is_file() and p.name not in weights)
-    return tensors + support + 1_000_000  # headers, index, card, weightsteer.json
+    support = sum(real.stat().st_size for _, real in support_files(plan.checkpoint))
+    return tensors + support + 1_000_000
 
 
 def checked_device(device: str | torch.device | None) -> torch.device:

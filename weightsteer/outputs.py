@@ -210,7 +210,10 @@ def disk_errors(where: Path) -> Iterator[None]:
     except OSError as e:
         if e.errno not in DISK_ERRORS:
             raise
-        raise OutputError(f"Cannot write in {where}: {DISK_ERRORS[e.errno]} ({e.strerror}: {e.filename or where}).") from e
+        name = str(e.filename or where)
+        if not name.startswith(str(where)):  # an input that cannot be read
+            raise OutputError(f"Cannot read {name}: {DISK_ERRORS[e.errno]} ({e.strerror}).") from None
+        raise OutputError(f"Cannot write in {where}: {DISK_ERRORS[e.errno]} ({e.strerror}: {name}).") from None
 
 
 def human_bytes(n: float) -> str:
@@ -346,25 +349,33 @@ def _swap(staging: Path, output: Path) -> None:
 
 def copy_support_files(checkpoint: Checkpoint, staging: Path, config_patch: dict[str, object]) -> list[str]:
     """Copy every non-weight file of the base (tokenizer, generation config, license, ...) unchanged."""
-    skip = checkpoint.weight_files() | {CARD_NAME}
     copied = []
+    for relative, real in support_files(checkpoint):
+        target = staging / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if str(relative) == "config.json" and config_patch:
+            target.write_text(patch_json_text(real.read_text(), config_patch))
+        else:
+            shutil.copyfile(real, target)  # follows the Hub cache's symlinks
+        copied.append(str(relative))
+    return copied
+
+
+def support_files(checkpoint: Checkpoint) -> list[tuple[Path, Path]]:
+    """(relative path, real path) of every base file an output copies; a link that leaves the model, loops or
+    dangles is refused here, so merges call this before streaming."""
+    skip = checkpoint.weight_files() | {CARD_NAME}
+    found = []
     for source in sorted(checkpoint.root.rglob("*")):
         relative = source.relative_to(checkpoint.root)
         if relative.parts[0] in SKIPPED_DIRS or str(relative) in skip:
             continue
         if source.suffix in WEIGHT_FORMATS_REFUSED or source.name.endswith(".safetensors"):
             continue  # weights in other formats would contradict the merged ones
-        real = contained_file(checkpoint.root, source)  # links may not leave the model (nor loop, nor dangle)
-        if real.is_dir():
-            continue
-        target = staging / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if str(relative) == "config.json" and config_patch:
-            target.write_text(patch_json_text(source.read_text(), config_patch))
-        else:
-            shutil.copyfile(real, target)  # follows the Hub cache's symlinks
-        copied.append(str(relative))
-    return copied
+        real = contained_file(checkpoint.root, source)
+        if not real.is_dir():
+            found.append((relative, real))
+    return found
 
 
 def patch_json_text(text: str, patch: dict[str, object]) -> str:
