@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from peft import LoraConfig
 import weightsteer
 from conftest import make_adapter, model_logits
 from weightsteer.cli import main
+from weightsteer import outputs
 from weightsteer.outputs import FAULT_ENV
 
 @pytest.fixture(scope="module")
@@ -32,10 +32,12 @@ def adapter(bases, tmp_path_factory):
 class Child:
     """`weightsteer.merge` in a forked child (torch already imported) that hits the fault point `fault`."""
 
-    def __init__(self, adapter: Path, output: Path, coeff: float, fault: str, overwrite: bool = False):
+    def __init__(self, adapter: Path, output: Path, coeff: float, fault: str, overwrite: bool = False, renameat2: bool = True):
         self.pid = os.fork()
         if self.pid == 0:
             os.environ[FAULT_ENV] = fault
+            if not renameat2:  # a filesystem without it: the fallbacks run
+                outputs._renameat2 = lambda *args: False
             try:
                 weightsteer.merge(adapter, output, coeff=coeff, overwrite=overwrite)
             except BaseException:
@@ -47,8 +49,8 @@ class Child:
         return os.waitpid(self.pid, options)[1]
 
 
-def child_merge(adapter: Path, output: Path, coeff: float, fault: str, overwrite: bool = False) -> Child:
-    return Child(adapter, output, coeff, fault, overwrite)
+def child_merge(adapter: Path, output: Path, coeff: float, fault: str, overwrite: bool = False, renameat2: bool = True) -> Child:
+    return Child(adapter, output, coeff, fault, overwrite, renameat2)
 
 
 def killed(child: Child) -> int:
@@ -149,21 +151,17 @@ def test_a_read_only_parent_gives_one_line(adapter, tmp_path):
         assert "the filesystem is read-only" in result.stderr
 
 
-def test_swap_fallback_without_renameat2_restores_an_old_output_left_aside(adapter, tmp_path):
-    """Where the filesystem cannot exchange, the old output is renamed aside first; if a run dies right there,
-    the next run puts it back before anything else."""
+def test_swap_fallback_without_renameat2_puts_back_an_old_output_left_aside(adapter, tmp_path):
+    """Without RENAME_EXCHANGE the old output is renamed aside first; a run killed right there leaves no output,
+    and the next run on it puts the old one back before anything else."""
     out = weightsteer.merge(adapter, tmp_path / "out", coeff=-1)
-    aside = tmp_path / f".out.weightsteer-{_dead_pid()}-abcd-old"
-    out.rename(aside)  # what a kill between the fallback's two renames leaves
-    result = weightsteer.merge_many(adapter, {0.5: tmp_path / "other"})  # another output: not touched
-    assert aside.exists() and not out.exists() and result
+    pid = killed(child_merge(adapter, out, 2.0, "swapped-aside", overwrite=True, renameat2=False))
+    assert not out.exists() and any(n.endswith("-old") and f"-{pid}-" in n for n in siblings(tmp_path, "out"))
     with pytest.raises(weightsteer.OutputError, match="exists already"):
-        weightsteer.merge(adapter, out)  # the restored old output is there again, so this one is refused
-    assert recorded_coeff(out) == -1 and not aside.exists()
-    shutil.rmtree(tmp_path / "other")
+        weightsteer.merge(adapter, out)  # the old output is back, so a run without overwrite is refused
+    assert recorded_coeff(out) == -1 and siblings(tmp_path, "out") == []
 
 
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
+def test_publish_fallback_without_renameat2_still_never_replaces(adapter, tmp_path):
+    status = child_merge(adapter, tmp_path / "out", 0.5, "", renameat2=False).wait()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and recorded_coeff(tmp_path / "out") == 0.5
