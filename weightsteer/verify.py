@@ -237,9 +237,9 @@ def _recorded(merged: Path) -> tuple[dict, dict]:
         try:
             data = json.loads(path.read_text()) if path.is_file() else {}
         except ValueError as e:
-            raise VerificationError(f"{path} is not valid JSON ({e}); pass --adapter and --coeff.") from None
+            raise VerificationError(f"{path} is not valid JSON ({e}); pass adapter= / coeff=.") from None
         if not isinstance(data, dict):
-            raise VerificationError(f"{path} is not a JSON object; pass --adapter and --coeff.")
+            raise VerificationError(f"{path} is not a JSON object; pass adapter= / coeff=.")
         found.append(data)
     return found[0], found[1]
 
