@@ -12,6 +12,7 @@ parameter is made of. Output names stay the stored ones: this only tells which s
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -131,6 +132,20 @@ class CheckpointNames:
         stored = self.resolve(name, f"parameter {name}")
         shape = self.shapes[stored]
         return [StoredSlice(stored, tuple(torch.arange(n) for n in shape), tuple(range(len(shape))))]
+
+    def missing_experts(self, name: str, count: int) -> list[str]:
+        """Experts 0…count−1 that a fused parameter's stored tensors lack, by the number the converter's `*`
+        stands for in their names (e.g. …experts.*.w1.weight)."""
+        if name not in self.fused():
+            return []
+        missing: set[str] = set()
+        for pattern, stored in self.fused()[name][1].items():
+            if "*" not in pattern:
+                continue
+            number = re.compile(r"\.".join(re.escape(part).replace(r"\*", r"(\d+)") for part in pattern.split(".")) + "$")
+            found = {m[1] for n in stored if (m := number.search(n))}
+            missing |= {str(i) for i in range(count)} - found
+        return sorted(missing, key=int)
 
     def parameter(self, module: str, name: str) -> ModelParameter:
         """A parameter of the model at a module path, as transformers defines it (for target_parameters)."""

@@ -160,7 +160,7 @@ def _add_parameter_edits(edits: dict[str, Edit], names: CheckpointNames, family:
     """A parameter PEFT targets directly (an MoE expert stack): one edit per stored tensor it is made of."""
     module, _, name = state.path.rpartition(".")
     slices = names.slices(state.path)
-    _refuse_uncovered(state.path, names.parameter(module, name).shape, slices)
+    _refuse_uncovered(names, state.path, names.parameter(module, name).shape, slices)
     for stored in slices:
         sliced = family.slice_state(state, stored)
         family.check_shapes(sliced, names.shapes[stored.name], None)
@@ -169,9 +169,16 @@ def _add_parameter_edits(edits: dict[str, Edit], names: CheckpointNames, family:
         edits[stored.name] = Edit(family, sliced, "weight")
 
 
-def _refuse_uncovered(path: str, shape: tuple[int, ...], slices: list[StoredSlice]) -> None:
+def _refuse_uncovered(names: CheckpointNames, path: str, shape: tuple[int, ...], slices: list[StoredSlice]) -> None:
     """Every expert (position along the first dim) of a targeted parameter must be stored whole; a merge that
     left part of one as the base would not be what PEFT's forward computes."""
+    absent = names.missing_experts(path, shape[0])
+    if absent:
+        raise AdapterError(
+            f"Adapter changes {path} ({shape[0]} experts), but the base checkpoint {names.root} stores no tensors for "
+            f"expert{'s' if len(absent) > 1 else ''} {', '.join(absent)}; merging would leave "
+            f"{'them' if len(absent) > 1 else 'it'} unchanged. Merge into the complete base checkpoint."
+        )
     per_position = math.prod(shape[1:])
     covered = dict.fromkeys(range(shape[0]), 0)
     for stored in slices:
