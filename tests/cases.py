@@ -80,7 +80,10 @@ MOE_CASES = [
     Case(
         "moe-gpt_oss",
         "gpt_oss",
-        _lora(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=[*EXPERTS, "mlp.router.weight"], use_rslora=True),
+        # three ParamWrappers nested on one experts module, one of them on a 2-D bias; gate_up_proj is stored fused
+        # and interleaved as the model holds it, (experts, in, out) (`is_transposed`)
+        _lora(r=2, lora_alpha=4, target_modules=["q_proj"], use_rslora=True,
+              target_parameters=[*EXPERTS, "mlp.experts.gate_up_proj_bias", "mlp.router.weight"]),
         coeffs=SHORT,
     ),
     Case("moe-deepseek_v3", "deepseek_v3", _lora(r=2, lora_alpha=4, target_modules=["q_b_proj", "kv_b_proj"], target_parameters=EXPERTS), coeffs=SHORT),

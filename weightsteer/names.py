@@ -130,8 +130,7 @@ class CheckpointNames:
             converter, sources = self.fused()[name]
             return _fused_slices(name, converter, sources, self.shapes)
         stored = self.resolve(name, f"parameter {name}")
-        shape = self.shapes[stored]
-        return [StoredSlice(stored, tuple(torch.arange(n) for n in shape), tuple(range(len(shape))))]
+        return _stored(stored, self.shapes[stored]).pieces
 
     def missing_experts(self, name: str, count: int) -> list[str]:
         """Experts 0…count−1 that a fused parameter's stored tensors lack, by the number the converter's `*`
@@ -267,9 +266,10 @@ def _fused_slices(name: str, converter, sources: dict[str, list[str]], shapes) -
         elif isinstance(op, Interleave):
             values = {p: _interleave(_single(v), op) for p, v in values.items()}
         else:
+            first = next(iter(sources.values()))[0]
             raise AdapterError(
-                f"transformers builds {name} from {', '.join(sum(sources.values(), []))[:200]} with {op!r}, which "
-                "weightsteer cannot trace back to the stored tensors yet; please open an issue."
+                f"transformers builds {name} from stored tensors such as {first!r} with {op!r}, which weightsteer "
+                "cannot trace back to the stored tensors yet; please open an issue."
             )
     (result,) = values.values()
     return _single(result).pieces
