@@ -129,7 +129,7 @@ def load_base(path: Path):
     """The class config.json names (a VLM loads as its ...ForConditionalGeneration)."""
     import transformers
 
-    architecture = json.loads((path / "config.json").read_text())["architectures"][0]
+    architecture = json.loads((Path(path) / "config.json").read_text())["architectures"][0]
     return getattr(transformers, architecture).from_pretrained(path, dtype=torch.float32)
 
 
