@@ -58,18 +58,17 @@ def test_save_pretrained_writes_legacy_names(bases):
 
 @pytest.mark.parametrize("case", [*VLM_CASES, *MOE_CASES], ids=lambda c: c.id)
 def test_every_stored_tensor_matches_peft_merge(case, bases, adapters, tmp_path):
+    """At c = −1 (the table covers −1, 0.5, 1 through the logits): each stored tensor vs PEFT's merge."""
     base, adapter = bases(case.arch), adapters(case)
-    coeffs = (-1.0, 0.5)
-    weightsteer.merge_many(adapter, {c: tmp_path / f"ours{c:g}" for c in coeffs})
-    for c in coeffs:
-        ours, theirs = _stored(tmp_path / f"ours{c:g}"), _peft_merged(base, adapter, c, tmp_path / f"peft{c:g}")
-        assert ours.keys() == theirs.keys()
-        changed = [n for n in ours if not torch.equal(ours[n], _stored(base)[n])] if c == -1.0 else []
-        for name, tensor in theirs.items():
-            assert torch.allclose(ours[name], tensor, atol=1e-6), f"coeff {c}: {name} differs from PEFT's merge"
-        if c == -1.0:  # the vision tower / projector / experts really changed, so the comparison means something
-            expected = {"vlm": ("vision", "visual", "multi_modal_projector"), "moe": ("experts.", "mlp.gate.", "router")}[case.id.split("-")[0]]
-            assert any(part in n for n in changed for part in expected), changed
+    weightsteer.merge(adapter, tmp_path / "ours", coeff=-1)
+    ours, theirs, before = _stored(tmp_path / "ours"), _peft_merged(base, adapter, -1, tmp_path / "peft"), _stored(base)
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert torch.allclose(ours[name], tensor, atol=1e-6), f"{name} differs from PEFT's merge"
+    changed = [n for n in ours if not torch.equal(ours[n], before[n])]
+    # the vision tower / projector / experts really changed, so the comparison means something
+    expected = {"vlm": ("vision", "visual", "multi_modal_projector"), "moe": ("experts.", "mlp.gate.", "router")}
+    assert any(part in n for n in changed for part in expected[case.id.split("-")[0]]), changed
 
 
 def _without(base, folder, dropped: tuple[str, ...]):
