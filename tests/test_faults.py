@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from peft import LoraConfig
 
@@ -35,6 +36,7 @@ class Child:
     def __init__(self, adapter: Path, output: Path, coeff: float, fault: str, overwrite: bool = False, renameat2: bool = True):
         self.pid = os.fork()
         if self.pid == 0:
+            torch.set_num_threads(1)  # the parent's OpenMP thread pool does not survive a fork
             os.environ[FAULT_ENV] = fault
             if not renameat2:  # a filesystem without it: the fallbacks run
                 outputs._renameat2 = lambda *args: False
