@@ -440,3 +440,8 @@ def test_gguf_overwrite_replaces_only_a_gguf_file(inputs, tmp_path):
     with pytest.raises(weightsteer.OutputError, match="lies inside the model folder"):
         convert_model(out, out / "model.gguf")
     assert notes.read_text() == "my notes"
+
+
+def test_inspect_reads_the_config_through_the_same_checks(inputs):
+    (inputs[1] / "adapter_config.json").write_text("5")
+    assert "JSON number, not an object" in one_line_error(cli("inspect", inputs[1]))
