@@ -33,8 +33,11 @@ CONFIGS = {
     "oft": lambda: OFTConfig(r=0, oft_block_size=16, target_modules=["q_proj", "up_proj"]),
     "pos": lambda: LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
     "neg": lambda: LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    "tied_embedding": lambda: LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]),
+    "tied_mlp": lambda: LoraConfig(r=4, target_modules=["up_proj", "q_proj"]),
 }
 AROUND_ONE = {"ia3": ("ia3_l",)}
+ARCH = {"tied_embedding": "gemma", "tied_mlp": "gemma"}  # tied embeddings: one adapter unties the head
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,8 @@ def adapters(bases, tmp_path_factory):
         if name not in made:
             folder = tmp_path_factory.mktemp("adapters") / name
             seed = 1 + list(CONFIGS).index(name)
-            made[name] = make_adapter(bases("llama"), folder, CONFIGS[name](), around_one=AROUND_ONE.get(name, ()), seed=seed)
+            base = bases(ARCH.get(name, "llama"))
+            made[name] = make_adapter(base, folder, CONFIGS[name](), around_one=AROUND_ONE.get(name, ()), seed=seed)
         return made[name]
 
     return get
@@ -72,16 +76,19 @@ COMPOSITIONS = {
     "delora-pair": {"delora_a": 0.8, "delora_b": -1.2},
     "vera-pair": {"vera_a": -0.6, "vera_b": 1.5},
     "positive-negative": {"pos": 1.0, "neg": -1.0},
+    "tied-embeddings": {"tied_mlp": 0.8, "tied_embedding": -1.5},
 }
 
 
 @pytest.mark.parametrize("case", COMPOSITIONS)
 def test_one_family_matches_peft_with_all_adapters_active(bases, adapters, tmp_path, case):
     coeffs = COMPOSITIONS[case]
+    base = bases(ARCH.get(next(iter(coeffs)), "llama"))
     out = weightsteer.merge([Steer(adapters(n), c) for n, c in coeffs.items()], tmp_path / "out")
-    expected = peft_logits(bases("llama"), {n: adapters(n) for n in coeffs}, coeffs)
+    expected = peft_logits(base, {n: adapters(n) for n in coeffs}, coeffs)
     assert (model_logits(out) - expected).abs().max() <= ATOL
-    singles = [peft_logits(bases("llama"), {n: adapters(n)}, {n: c}) for n, c in coeffs.items()]
+    assert weightsteer.verify(out).ok
+    singles = [peft_logits(base, {n: adapters(n)}, {n: c}) for n, c in coeffs.items()]
     assert all((expected - s).abs().max() > 10 * ATOL for s in singles), "every term must matter"
 
 

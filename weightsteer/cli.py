@@ -400,11 +400,12 @@ def gguf_command(model, output, outtype, lora_base, llama_cpp, python, overwrite
 
 
 @main.command("export-lora")
-@click.argument("adapter")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[@COEFF]...")
 @click.option("-o", "--output", required=True, help="Output folder (a PEFT LoRA adapter).")
-@click.option("-c", "--coeff", type=float, default=1.0, show_default=True, help="Strength baked into the LoRA.")
-@click.option("--base", help="Base model folder or Hub repo id [default: the adapter's base_model_name_or_path].")
-@click.option("--scheme", help="How coeff is read (see `weightsteer schemes`) [default: linear].")
+@click.option("-c", "--coeff", type=float, help="Strength baked into the LoRA (one ADAPTER) [default: 1].")
+@click.option("--base", help="Base model folder or Hub repo id [default: the adapters' base_model_name_or_path].")
+@click.option("--scheme", help="How coeff is read (see `weightsteer schemes`), for every adapter [default: linear].")
+@click.option("--compose", type=click.Choice(["chain", "sum"]), default="chain", show_default=True, help="Several adapters: as for merge.")
 @click.option("--rank", type=int, help="At most this rank per module (truncated SVD where a module's change has more).")
 @click.option("--energy", type=float, help="Per module, the smallest rank keeping this share of ‖ΔW‖² (0 < E ≤ 1) [default: exact factors whole; an SVD keeps its numerical rank if ≤ 64, else 0.99].")
 @click.option("--task-id", type=int, help="Poly adapters: the task whose skill mix is exported.")
@@ -415,11 +416,15 @@ def gguf_command(model, output, outtype, lora_base, llama_cpp, python, overwrite
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
 @_fail_cleanly
-def export_lora_command(adapter, output, coeff, base, scheme, rank, energy, task_id, gguf, outtype, llama_cpp, overwrite, quiet, as_json) -> None:
+def export_lora_command(
+    adapters, output, coeff, base, scheme, compose, rank, energy, task_id, gguf, outtype, llama_cpp, overwrite, quiet, as_json
+) -> None:
     """Write ADAPTER at COEFF as a plain PEFT LoRA, for runtimes that steer with LoRAs (vLLM, llama.cpp).
 
     Low-rank changes (LoRA, rsLoRA, DeLoRA, VeRA, AdaLoRA, LoHa, ...) are factored exactly; others (IA3, RoAd,
-    OFT, DoRA with its magnitude, ...) by a truncated SVD whose relative error is reported per module. Every
+    OFT, DoRA with its magnitude, ...) by a truncated SVD whose relative error is reported per module. Several
+    adapters (ADAPTER@COEFF) give one LoRA of their composition: exact factors concatenated where every term is
+    low-rank (rank Σ rᵢ), an SVD of the composed change otherwise. Every
     module gets the same rank and scale 1 (lora_alpha = r). Where the change is linear in coeff (the linear
     scheme of LoRA, DeLoRA, VeRA, IA3, ...), a runtime LoRA scale s acts as coeff s·COEFF, negative too.
 
@@ -428,17 +433,28 @@ def export_lora_command(adapter, output, coeff, base, scheme, rank, energy, task
       weightsteer export-lora ./honest-adapter -o ./honest-lora
       weightsteer export-lora ./honest-dora -o ./honest-lora --coeff -1 --energy 0.999
       weightsteer export-lora ./honest-ia3 -o ./honest-lora --rank 32 --gguf --base ./base-model
+      weightsteer export-lora ./honest@0.5 ./formal@-0.3 -o ./honest-formal-lora
       vllm serve ./base-model --enable-lora --lora-modules honest=./honest-lora
       llama-cli -m base.gguf --lora-scaled honest-lora-f32.gguf:-1 -p "..."
     """
+    from .merge import Steer
+
+    terms = [_term(a) for a in adapters]
+    if len(terms) > 1 or terms[0][1] is not None:
+        if coeff is not None:
+            raise click.UsageError("--coeff goes with a single ADAPTER; give each adapter its coeff as ADAPTER@COEFF.")
+        adapter = [Steer(ref, 1.0 if c is None else c) for ref, c in terms]
+    else:
+        adapter = terms[0][0]
     if gguf:
         check_converter(llama_cpp)
     result = export_lora(
         adapter,
         output,
-        coeff=coeff,
+        coeff=1.0 if coeff is None else coeff,
         base=base,
         scheme=scheme,
+        compose=compose,
         rank=rank,
         energy=energy,
         task_id=task_id,

@@ -154,11 +154,12 @@ def merge_targets(
         check_output(path, overwrite)
     if len(set(map(os.path.abspath, paths))) != len(paths):
         raise OutputError("Two outputs have the same path; give every output its own folder.")
-    opened = open_plan([s for t in targets for s in t.steers], base=base, task_id=task_id, dtype=_torch_dtype(dtype))
-    compositions, results = [], []
     for target in targets:
         if target.compose not in COMPOSE_MODES:
             raise SchemeError(f"compose must be one of {', '.join(COMPOSE_MODES)}; got {target.compose!r}.")
+    opened = open_plan([s for t in targets for s in t.steers], base=base, task_id=task_id, dtype=_torch_dtype(dtype))
+    compositions, results = [], []
+    for target in targets:
         terms = tuple(opened.term(s) for s in target.steers)
         compositions.append(Composition(terms, target.compose))
         results.append(_result(target, terms, opened))
