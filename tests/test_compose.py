@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 from click.testing import CliRunner
-from peft import DeloraConfig, IA3Config, LoraConfig, OFTConfig, PeftModel, VeraConfig
+from peft import DeloraConfig, IA3Config, LoHaConfig, LoraConfig, OFTConfig, PeftMixedModel, PeftModel, VeraConfig
 from safetensors.torch import load_file
 
 import weightsteer
@@ -33,6 +33,7 @@ CONFIGS = {
     "oft": lambda: OFTConfig(r=0, oft_block_size=16, target_modules=["q_proj", "up_proj"]),
     "pos": lambda: LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
     "neg": lambda: LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    "loha": lambda: LoHaConfig(r=4, target_modules=["q_proj", "up_proj"]),
     "tied_embedding": lambda: LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]),
     "tied_mlp": lambda: LoraConfig(r=4, target_modules=["up_proj", "q_proj"]),
 }
@@ -210,6 +211,22 @@ def test_scaled_with_a_mapping_restores_every_adapter(bases, adapters):
     with pytest.raises(weightsteer.SchemeError, match="set_adapter"):
         with weightsteer.scaled(model, {"dora": 1.0, "lora": 1.0}):
             pass
+
+
+def test_scaled_on_a_mixed_model_matches_the_merged_families(bases, adapters, tmp_path):
+    """A PeftMixedModel with a LoRA and a LoHa active: scaled with a mapping is the merge of both (order-free:
+    both add constant changes), and everything is restored on exit."""
+    coeffs = {"lora": 0.5, "loha": -1.0}
+    model = PeftMixedModel.from_pretrained(load_base(bases("llama")), adapters("lora"), adapter_name="lora")
+    model.load_adapter(adapters("loha"), adapter_name="loha")
+    model.set_adapter(list(coeffs))
+    model.eval()
+    merged = weightsteer.merge([Steer(adapters(n), c) for n, c in coeffs.items()], tmp_path / "out")
+    with torch.no_grad():
+        original = model(TOKENS).logits
+        with weightsteer.scaled(model, coeffs):
+            assert (model(TOKENS).logits - model_logits(merged)).abs().max() <= ATOL
+        assert torch.equal(model(TOKENS).logits, original)
 
 
 # ---- recipes ---------------------------------------------------------------------------------------
