@@ -337,8 +337,9 @@ def test_cli_several_adapters_with_coeff_is_a_usage_error(adapters, tmp_path):
 
 
 def test_cli_compose_sum_and_scheme_for_every_term(adapters, tmp_path):
-    args = ["merge", f"{adapters('lora')}@0.5", f"{adapters('ia3')}@-0.3", "--scheme", "delta", "--compose", "sum", "-o", str(tmp_path / "o"), "--json"]
+    args = ["merge", f"{adapters('lora')}@0.5", f"{adapters('ia3')}@-0.3", "--scheme", "delta", "--compose", "sum", "-o", str(tmp_path / "o"), "--json", "--verify"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "o" / "weightsteer.json").read_text())
     assert record["compose"] == "sum" and {t["scheme"]["name"] for t in record["terms"]} == {"delta"}
+    assert record["verification"]["ok"] and "at coeffs 0.5, -0.3" in (tmp_path / "o" / "README.md").read_text()

@@ -199,7 +199,7 @@ def _verification(summary: dict | None) -> str:
     rows = [
         ("result", "**passed**" if summary["ok"] else "**FAILED**"),
         (
-            f"adapted tensors at coeff {summary['coeff']:g}: PEFT's forward on random probes (or the stored tensor) vs merged",
+            f"adapted tensors at {_at(summary)}: PEFT's forward on random probes (or the stored tensor) vs merged",
             f"{len(modules)} checked"
             + (f"; worst `{worst['tensor']}` at {worst['ratio']:.3g}× its tolerance" if worst else ""),
         ),
@@ -226,6 +226,13 @@ def _verification(summary: dict | None) -> str:
         f"Worst tensors (error / tolerance above 1 fails):\n\n"
         f"| tensor | kind | max abs error | max rel error | error / tolerance |\n|---|---|---|---|---|\n{details}\n"
     )
+
+
+def _at(summary: dict) -> str:
+    """"coeff c", or every term's coeff for a composition."""
+    if summary.get("coeff") is not None:
+        return f"coeff {summary['coeff']:g}"
+    return "coeffs " + ", ".join(f"{t['coeff']:g}" for t in summary.get("terms", []))
 
 
 def _loading(reference: str, repo_id: str | None) -> str:

@@ -209,9 +209,9 @@ def _module_changes(
         entry["report"] = ModuleExport(path, method, factors[0].shape[1], error, layer)
     result.linear_in_coeff = all(linear)
     if not result.linear_in_coeff:
-        scheme = result.scheme
+        what = f"this {kind} adapter" if result.coeff is not None else "this composition"
         result.warnings.append(
-            f"ΔW of this {kind} adapter is not linear in coeff under scheme {scheme}: a runtime LoRA "
+            f"ΔW of {what} is not linear in coeff under scheme {result.scheme}: a runtime LoRA "
             "scale s does not give coeff s·c. Export one LoRA per coeff instead."
         )
     return modules
