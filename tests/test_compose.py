@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from conftest import ATOL, TOKENS, assert_base_identical, load_base, make_adapte
 from weightsteer import Steer
 from weightsteer.checkpoint import Checkpoint
 from weightsteer.cli import main
+from test_push import hub  # noqa: F401 (a fixture: the local test Hub)
 
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = {
@@ -263,6 +265,19 @@ def test_recipe_builds_every_output_from_one_read_of_the_base(bases, adapters, t
         alone = weightsteer.merge(steers, tmp_path / "alone", overwrite=True)
         ours, theirs = tensors(tmp_path / output["path"]), tensors(alone)
         assert all(torch.equal(ours[n], t) for n, t in theirs.items()), output["path"]
+
+
+def test_recipe_pushes_its_outputs_verified_first(hub, adapters, tmp_path):  # noqa: F811
+    from huggingface_hub import snapshot_download
+
+    recipe = _recipe(adapters, tmp_path)
+    recipe["outputs"][0]["push"] = "user/honest-formal"
+    results = weightsteer.build(recipe)
+    pushed = json.loads((tmp_path / "a" / "weightsteer.json").read_text())
+    assert pushed["verification"]["ok"] and "verification" not in json.loads((tmp_path / "b" / "weightsteer.json").read_text())
+    remote = Path(snapshot_download("user/honest-formal"))
+    assert [t["coeff"] for t in json.loads((remote / "weightsteer.json").read_text())["terms"]] == [0.5, -0.3]
+    assert len(results) == 3
 
 
 def test_recipe_file_yaml_and_json_via_cli(adapters, tmp_path):

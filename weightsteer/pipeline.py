@@ -72,8 +72,8 @@ def publish_targets(
 ) -> list[Published]:
     """Write every target from one read of the base, then convert, verify and push.
 
-    push_to gives a Hub repo id (or None) per target. verify_outputs=None verifies only what is pushed;
-    False pushes unverified (the card says so).
+    push_to gives a Hub repo id (or None) per target. verify_outputs=True verifies every output; None only
+    those pushed; False pushes unverified (the card says so).
     """
     repos = {i: repo for i, repo in enumerate(push_to) if repo}
     for repo in repos.values():
@@ -86,7 +86,8 @@ def publish_targets(
         if gguf:
             item.gguf = convert_model(item.merge.path, outtype=outtype, llama_cpp=llama_cpp, overwrite=overwrite)
     if verify_outputs or (verify_outputs is None and repos):
-        _verify_all(published, base, device, progress, pushing=bool(repos))
+        checked = published if verify_outputs else [published[i] for i in repos]
+        _verify_all(checked, base, device, progress, pushing=bool(repos))
     links = {_sibling_key(published[i].merge): repo_url(repo) for i, repo in repos.items()}
     for i, repo in repos.items():
         item = published[i]
