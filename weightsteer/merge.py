@@ -60,12 +60,12 @@ class MergeResult:
     coeff: float | None
     scheme: str
     adapter_type: str
-    terms: list[TermResult] = field(default_factory=list)
-    compose: str = "chain"
     changed_tensors: list[str] = field(default_factory=list)
     rounding: RoundingReport = field(default_factory=RoundingReport)
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # read / compute / write, shared by one run
+    terms: list[TermResult] = field(default_factory=list)
+    compose: str = "chain"
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -187,8 +187,8 @@ def _result(target: Target, terms: Sequence[Term], opened: "Opened") -> MergeRes
         records[0].coeff if single else None,
         "+".join(dict.fromkeys(r.scheme for r in records)),
         "+".join(dict.fromkeys(r.adapter_type for r in records)),
-        records,
-        target.compose,
+        terms=records,
+        compose=target.compose,
     )
     for term, record in zip(terms, records):
         if not term.scheme.base_at_zero and term.coeff == 0:
