@@ -304,7 +304,7 @@ class _Checker:
                     report.untouched += 1
                 else:
                     report.changed_untouched[tensor.name] = difference
-            elif _runs_as_layer(tensor, edit):
+            elif _runs_as_layer(tensor, edit) and self._saved_modules(edit):
                 report.checks.append(self._check_module(tensor, edit))
             elif not _runs_as_layer(*self._weight_beside(tensor)):
                 report.checks.append(self._check_parameter(tensor, edit))
@@ -313,6 +313,14 @@ class _Checker:
     def _weight_beside(self, tensor: OutputTensor) -> tuple[OutputTensor | None, Edit | None]:
         name = tensor.name.removesuffix("bias") + "weight"
         return self.outputs.get(name), self.edits.get(name)
+
+    def _saved_modules(self, edit: Edit) -> bool:
+        """Does PEFT hold a layer at each step's path? Not for one stored expert of a fused parameter
+        (target_parameters): such a slice is checked as a tensor, and the whole model by --logits."""
+        return all(
+            any(key.startswith(f"{MODEL_PREFIX}{step.change.state.path}.") for key in self.adapters[step.adapter].tensors)
+            for step in edit.steps
+        )
 
     def _read_base(self, tensor: OutputTensor) -> torch.Tensor:
         return self.base.read(tensor.source.name).to(self.device, torch.float32)
