@@ -358,3 +358,13 @@ def test_cli_compose_sum_and_scheme_for_every_term(adapters, tmp_path):
     record = json.loads((tmp_path / "o" / "weightsteer.json").read_text())
     assert record["compose"] == "sum" and {t["scheme"]["name"] for t in record["terms"]} == {"delta"}
     assert record["verification"]["ok"] and "at coeffs 0.5, -0.3" in (tmp_path / "o" / "README.md").read_text()
+
+
+def test_cli_export_lora_of_a_composition(adapters, tmp_path):
+    args = ["export-lora", f"{adapters('lora')}@0.5", f"{adapters('rslora')}@-1", "-o", str(tmp_path / "lora"), "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["rank"] == 6 and report["coeff"] is None and [t["coeff"] for t in report["terms"]] == [0.5, -1.0]
+    result = CliRunner().invoke(main, [*args[:3], "-c", "2", "-o", str(tmp_path / "other")])
+    assert result.exit_code == 2 and "ADAPTER@COEFF" in result.output
