@@ -91,6 +91,8 @@ class Composition:
       one PEFT model with all of them active, W + Σ (fᵢ(W) − W), each against the same weight; anything
       else applies to the result of what came before (IA3 scalings multiply; another family chains).
     sum: W + Σ (fᵢ(W) − W), every term against the base, whatever its family.
+    Per tensor, only the terms that change it count ("consecutive" among those), and a term at coeff 0 under
+    a scheme that gives the base there is left out, so it changes nothing.
     """
 
     terms: tuple[Term, ...]
