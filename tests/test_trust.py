@@ -445,3 +445,98 @@ def test_gguf_overwrite_replaces_only_a_gguf_file(inputs, tmp_path):
 def test_inspect_reads_the_config_through_the_same_checks(inputs):
     (inputs[1] / "adapter_config.json").write_text("5")
     assert "JSON number, not an object" in one_line_error(cli("inspect", inputs[1]))
+
+
+# ---- compositions and recipes: the same guarantees for every output ------------------------------------
+
+
+@pytest.fixture
+def two(inputs, made, tmp_path):
+    """(base, adapter a, adapter b): b a second LoRA on the same base (built once per module, copied here)."""
+    built = made[0].parent / "b"
+    if not built.exists():
+        make_adapter(made[0], built, LoraConfig(r=2, target_modules=["v_proj", "up_proj"]), seed=2)
+    b = tmp_path / "b"
+    shutil.copytree(built, b)
+    _edit_json(b / "adapter_config.json", lambda c: c | {"base_model_name_or_path": str(inputs[0])})
+    return (*inputs, b)
+
+
+@pytest.mark.parametrize("where", ["second adapter", "inside second adapter"])
+def test_overwrite_refuses_an_output_overlapping_any_term_of_a_composition(two, tmp_path, where):
+    base, a, b = two
+    output = b if where == "second adapter" else b / "merged"
+    if output.exists():
+        (output / "weightsteer.json").write_text("{}")  # "written by weightsteer": still never replaced
+    before = fingerprint(tmp_path)
+    line = one_line_error(cli("merge", f"{a}@1", f"{b}@1", "-o", output, "--overwrite"))
+    assert f"is or contains the adapter {b};" in line or f"lies inside the adapter folder {b};" in line, line
+    assert fingerprint(tmp_path) == before
+    with pytest.raises(weightsteer.OutputError, match=f"inside the adapter folder {b};|not a weightsteer output"):  # export-lora too
+        export_lora([weightsteer.Steer(a, 1.0), weightsteer.Steer(b, 1.0)], output, overwrite=True)
+    assert fingerprint(tmp_path) == before
+
+
+def test_a_recipe_whose_outputs_collide_is_refused_before_any_work(two, tmp_path, monkeypatch):
+    base, a, b = two
+    merge_module = sys.modules["weightsteer.merge"]
+    monkeypatch.setattr(merge_module, "open_plan", lambda *a, **k: pytest.fail("work started"))
+    terms = [{"adapter": str(a), "coeff": 0.5}, {"adapter": str(b), "coeff": -1}]
+    same = {"outputs": [{"path": str(tmp_path / "out"), "adapters": terms}, {"path": f"{tmp_path}/x/../out", "adapters": terms[:1]}]}
+    with pytest.raises(weightsteer.RecipeError, match="outputs 1 and 2 both write"):
+        weightsteer.build(same)
+    nested = {"outputs": [{"path": str(tmp_path / "out"), "adapters": terms}, {"path": str(tmp_path / "out" / "inner"), "adapters": terms}]}
+    with pytest.raises(weightsteer.OutputError, match="lies inside another output of this run"):
+        weightsteer.build(nested)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "b", "base"]
+
+
+def test_a_zero_term_of_a_composition_is_refused_before_the_base_is_streamed(two, tmp_path, monkeypatch):
+    from peft import get_peft_model
+
+    base, a, _ = two
+    get_peft_model(load_base(base), LoraConfig(r=4, target_modules=TARGETS)).save_pretrained(tmp_path / "untrained")
+    monkeypatch.setattr(sys.modules["weightsteer.merge"], "stream", lambda *a, **k: pytest.fail("the base was streamed"))
+    steers = [weightsteer.Steer(a, 1.0), weightsteer.Steer(tmp_path / "untrained", 0.5)]
+    with pytest.raises(weightsteer.AdapterError, match=f"adapter {tmp_path / 'untrained'} changes no tensor"):
+        weightsteer.merge(steers, tmp_path / "out", base=base)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_composition_publishes_no_local_path_and_verifies_from_elsewhere(two, tmp_path, monkeypatch):
+    base, _, _ = two
+    dead = _dead_pid()
+    (tmp_path / f".out.weightsteer-{dead}-abcd").mkdir()  # a killed run's leftover: removed and reported
+    monkeypatch.chdir(tmp_path)
+    result = cli("merge", "adapter@0.5", "b@-1", "--base", "base", "-o", "out")  # relative, as typed
+    assert result.exit_code == 0, result.output
+    assert f"(pid {dead})" in result.stderr and not (tmp_path / f".out.weightsteer-{dead}-abcd").exists()
+    out = tmp_path / "out"
+    record = json.loads((out / "weightsteer.json").read_text())
+    assert [t["adapter"] for t in record["terms"]] == ["adapter", "b"] and record["base_model"] == "base"
+    for name in ("README.md", "weightsteer.json"):
+        assert str(tmp_path) not in (out / name).read_text(), name
+    assert json.loads((out / ".weightsteer-local.json").read_text())["terms"] == [str(tmp_path / "adapter"), str(tmp_path / "b")]
+    monkeypatch.chdir(base)  # another folder: "adapter" and "b" would now be Hub repo ids
+    assert cli("verify", out).exit_code == 0
+    card = (out / "README.md").read_text()
+    assert "**passed**" in card and str(tmp_path) not in card + (out / "weightsteer.json").read_text()
+
+
+def test_a_composition_that_overflows_float16_is_refused(two, tmp_path):
+    _, a, b = two
+    steers = [weightsteer.Steer(a, 1e6), weightsteer.Steer(b, 1.0)]
+    with pytest.raises(weightsteer.OutputError, match=r"Merging at coeffs 1e\+06, 1 overflows F16"):
+        weightsteer.merge(steers, tmp_path / "out", dtype="float16")
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_errors_are_redacted(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_recipesecret123456")
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"outputs": [], "token": "hf_recipesecret123456"}))
+    line = one_line_error(cli("build", recipe))
+    assert "hf_recipesecret123456" not in line and "unknown key 'token'" in line
+    recipe.write_text('{"outputs": [{"path": "x", "adapters": [{"adapter": "hf_recipesecret123456@@", "coeff": 1}]}]}')
+    line = one_line_error(cli("build", recipe))
+    assert "hf_recipesecret123456" not in line and "is not a Hub repo id" in line

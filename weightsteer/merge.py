@@ -1,4 +1,5 @@
-"""The merge API: load the adapter, plan from the base's headers, stream, and publish one checkpoint per coeff."""
+"""The merge API: load the adapters, plan from the base's headers, stream, and publish one checkpoint per output
+(per coeff of one adapter, or per composition of several adapters each at its own coeff)."""
 
 from __future__ import annotations
 
@@ -7,34 +8,65 @@ import os
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
-from .adapters import load_adapter
+from .adapters import Adapter, load_adapter
 from .checkpoint import DTYPES, Checkpoint
 from .engine import RoundingReport, stream
 from .errors import AdapterError, BaseModelError, DeviceError, OutputError, SchemeError
 from .outputs import OutputSlot, check_free_space, disk_errors, fault_point, support_files
-from .planner import MergePlan, plan_merge
+from .planner import COMPOSE_MODES, Composition, MergePlan, Term, plan_merge
 from .provenance import finish_output
 from .resolve import resolve
 
 PathLike = str | os.PathLike
 
 
+@dataclass(frozen=True)
+class Steer:
+    """One adapter at its own strength: a term of a composition."""
+
+    adapter: PathLike  # folder or Hub repo id
+    coeff: float = 1.0
+    scheme: str | None = None  # default: the family's default ("linear")
+
+
 @dataclass
-class MergeResult:
-    """One written checkpoint."""
+class Target:
+    """One output of a run: its folder and the terms it bakes in (see planner.Composition for `compose`)."""
 
     path: Path
+    steers: tuple[Steer, ...]
+    compose: str = "chain"
+
+
+@dataclass
+class TermResult:
+    """One term as written into an output: adapter (as named), type, coeff, scheme."""
+
+    adapter: str
+    adapter_type: str
     coeff: float
+    scheme: str
+
+
+@dataclass
+class MergeResult:
+    """One written checkpoint. coeff, scheme and adapter_type describe a one-adapter merge; a composition
+    lists every term in `terms` (coeff is then None, scheme and adapter_type join the terms' with "+")."""
+
+    path: Path
+    coeff: float | None
     scheme: str
     adapter_type: str
     changed_tensors: list[str] = field(default_factory=list)
     rounding: RoundingReport = field(default_factory=RoundingReport)
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # read / compute / write, shared by one run
+    terms: list[TermResult] = field(default_factory=list)
+    compose: str = "chain"
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -43,13 +75,17 @@ class MergeResult:
         return data
 
 
+Adapters = PathLike | Steer | Sequence[Steer]
+
+
 def merge(
-    adapter: PathLike,
+    adapter: Adapters,
     output: PathLike,
     *,
     coeff: float = 1.0,
     base: PathLike | None = None,
     scheme: str | None = None,
+    compose: str = "chain",
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     overwrite: bool = False,
@@ -59,24 +95,31 @@ def merge(
 ) -> Path:
     """Merge `adapter` into its base at strength `coeff` and write a standalone checkpoint to `output`.
 
-    `base` defaults to the adapter config's base_model_name_or_path; both may be local folders or Hub
-    repo ids. `scheme` picks how coeff is read (default "linear"; see `weightsteer schemes`).
-    `task_id` selects the task of a Poly adapter. `base_id` (a Hub repo id) fills the card's base_model
-    when the base is a local folder. Returns the output folder.
+    `adapter` is a folder or Hub repo id (at `coeff`, read by `scheme`), or a `Steer` or a list of them:
+    several adapters, each at its own coeff, in one pass (`compose`: "chain" or "sum", see the README).
+    `base` defaults to the adapters' common base_model_name_or_path; both may be local folders or Hub
+    repo ids. `scheme` picks how coeff is read (default "linear"; see `weightsteer schemes`); for Steers
+    it is the default of those that name none. `task_id` selects the task of a Poly adapter. `base_id` (a
+    Hub repo id) fills the card's base_model when the base is a local folder. Returns the output folder.
     """
-    results = merge_many(
-        adapter,
-        {coeff: output},
-        base=base,
-        scheme=scheme,
-        dtype=dtype,
-        device=device,
-        overwrite=overwrite,
-        progress=progress,
-        task_id=task_id,
-        base_id=base_id,
+    target = Target(Path(output), steers(adapter, coeff, scheme), compose)
+    results = merge_targets(
+        [target], base=base, base_id=base_id, dtype=dtype, device=device, overwrite=overwrite, progress=progress, task_id=task_id
     )
     return results[0].path
+
+
+def steers(adapter: Adapters, coeff: float = 1.0, scheme: str | None = None) -> tuple[Steer, ...]:
+    """The terms `adapter` names: a folder / repo id at coeff, a Steer, or a list of Steers."""
+    if isinstance(adapter, Steer):
+        items = [adapter]
+    elif isinstance(adapter, (str, os.PathLike)):
+        items = [Steer(adapter, coeff, scheme)]
+    else:
+        items = list(adapter)
+        if not items or not all(isinstance(item, Steer) for item in items):
+            raise SchemeError("Pass an adapter folder or repo id, a Steer, or a non-empty list of Steers.")
+    return tuple(Steer(s.adapter, finite_coeff(s.coeff), s.scheme or scheme) for s in items)
 
 
 def merge_many(
@@ -93,32 +136,87 @@ def merge_many(
     base_id: str | None = None,
 ) -> list[MergeResult]:
     """Like `merge`, for several coeffs at once: the base is read once, one checkpoint per coeff."""
-    targets = {finite_coeff(c): Path(os.path.abspath(p)) for c, p in outputs.items()}
+    targets = [Target(Path(p), (Steer(adapter, finite_coeff(c), scheme),)) for c, p in outputs.items()]
     if not targets:
         raise SchemeError("Give at least one coeff.")
-    if len(set(targets.values())) != len(targets):
-        raise OutputError("Two coeffs would write to the same output folder; give each coeff its own.")
+    return merge_targets(
+        targets, base=base, base_id=base_id, dtype=dtype, device=device, overwrite=overwrite, progress=progress, task_id=task_id
+    )
+
+
+def merge_targets(
+    targets: Sequence[Target],
+    *,
+    base: PathLike | None = None,
+    base_id: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    task_id: int | None = None,
+) -> list[MergeResult]:
+    """Write every target from one read of the base: each base tensor is read once and computed for every
+    output whose terms change it. Everything is checked (paths, coeffs, schemes, shapes) before any work, and
+    every output is locked from its check to its publish (see outputs.OutputSlot)."""
+    paths = distinct_outputs([t.path for t in targets])
+    for target in targets:
+        if target.compose not in COMPOSE_MODES:
+            raise SchemeError(f"compose must be one of {', '.join(COMPOSE_MODES)}; got {target.compose!r}.")
     compute_device = checked_device(device)
     with ExitStack() as held:
-        slots = [held.enter_context(OutputSlot(path, overwrite)) for path in targets.values()]  # locked until published
+        slots = [held.enter_context(OutputSlot(path, overwrite)) for path in paths]  # locked until published
         fault_point("locked")
-        plan, base_ref, options = open_plan(adapter, base=base, scheme=scheme, task_id=task_id, dtype=_torch_dtype(dtype))
-        loaded, chosen = plan.adapter, plan.scheme
+        opened = open_plan([s for t in targets for s in t.steers], base=base, task_id=task_id, dtype=_torch_dtype(dtype))
+        plan = opened.plan
         for slot in slots:
-            slot.protect(base=plan.checkpoint.root, adapter=loaded.path)
+            slot.protect(*opened.inputs())
         check_free_space([(slot.output, output_bytes(plan)) for slot in slots])
-        results = [MergeResult(path, c, chosen.name, loaded.peft_type, warnings=list(slot.notes)) for (c, path), slot in zip(targets.items(), slots)]
-        for result in results:
-            if not chosen.base_at_zero and result.coeff == 0:
-                result.warnings.append(f"scheme {chosen.name} does not give the base model at coeff 0.")
+        compositions, results = [], []
+        for target, path, slot in zip(targets, paths, slots):
+            terms = tuple(opened.term(s) for s in target.steers)
+            compositions.append(Composition(terms, target.compose))
+            results.append(_result(target, path, terms, opened, slot.notes))
         with disk_errors(slots[0].output.parent):
             stagings = [slot.stage() for slot in slots]
-            stream(plan, results, stagings, compute_device, progress)
-            for result, staging in zip(results, stagings):
-                finish_output(plan, loaded, str(adapter), base_ref, options, result, staging, results, base_id=base_id)
+            stream(plan, compositions, results, stagings, compute_device, progress)
+            for result, composition, staging in zip(results, compositions, stagings):
+                finish_output(plan, opened, composition, result, staging, results, base_id=base_id)
             for slot in slots:
                 slot.publish()
     return results
+
+
+def distinct_outputs(paths: Sequence[PathLike]) -> list[Path]:
+    """The outputs as absolute paths, refused before any work where two are one folder or one lies inside another."""
+    absolute = [Path(os.path.abspath(p)) for p in paths]
+    for i, path in enumerate(absolute):
+        for other in absolute[:i]:
+            if path == other:
+                raise OutputError(f"Two outputs have the same path {path}; give every output its own folder.")
+            if other in path.parents or path in other.parents:
+                inner, outer = (path, other) if other in path.parents else (other, path)
+                raise OutputError(f"Output {inner} lies inside another output of this run, {outer}; give each its own folder.")
+    return absolute
+
+
+def _result(target: Target, path: Path, terms: Sequence[Term], opened: "Opened", notes: Sequence[str]) -> MergeResult:
+    records = [
+        TermResult(opened.refs[t.adapter], opened.plan.adapters[t.adapter].peft_type, t.coeff, t.scheme.name) for t in terms
+    ]
+    single = len(records) == 1
+    result = MergeResult(
+        path,
+        records[0].coeff if single else None,
+        "+".join(dict.fromkeys(r.scheme for r in records)),
+        "+".join(dict.fromkeys(r.adapter_type for r in records)),
+        warnings=list(notes),
+        terms=records,
+        compose=target.compose,
+    )
+    for term, record in zip(terms, records):
+        if not term.scheme.base_at_zero and term.coeff == 0:
+            result.warnings.append(f"scheme {term.scheme.name} does not give the base model at coeff 0 ({record.adapter}).")
+    return result
 
 
 def output_bytes(plan: MergePlan) -> int:
@@ -145,49 +243,84 @@ def checked_device(device: str | torch.device | None) -> torch.device:
     return chosen
 
 
+@dataclass
+class Opened:
+    """A plan for a set of adapters, and how to name them: what open_plan returns."""
+
+    plan: MergePlan
+    refs: list[str]  # each adapter as the user named it, by index in plan.adapters
+    base_ref: str
+    options: dict[str, object]
+
+    def term(self, steer: Steer) -> Term:
+        index = self.refs.index(str(steer.adapter))
+        return Term(index, finite_coeff(steer.coeff), self.plan.adapters[index].family.scheme(steer.scheme))
+
+    def inputs(self) -> list[tuple[str, Path]]:
+        """(kind, folder) of every input an output must not overlap: the base and each adapter."""
+        return [("base", self.plan.checkpoint.root), *(("adapter", a.path) for a in self.plan.adapters)]
+
+
 def open_plan(
-    adapter: PathLike,
+    adapters: PathLike | Sequence[Steer],
     *,
     base: PathLike | None = None,
-    scheme: str | None = None,
     task_id: int | None = None,
     dtype: torch.dtype | None = None,
-) -> tuple[MergePlan, str, dict[str, object]]:
-    """Load the adapter, read the base's headers and plan the change: (plan, base reference, options)."""
-    loaded = load_adapter(resolve(str(adapter), "adapter"))
-    base_ref = str(base if base is not None else loaded.base_model or "")
-    if not base_ref:
-        raise BaseModelError(f"{loaded.path}/adapter_config.json names no base_model_name_or_path; pass --base.")
-    if task_id is not None and "task_id" not in loaded.family.options:
-        raise SchemeError(f"--task-id applies to Poly adapters only; {loaded.path} is a {loaded.peft_type} adapter.")
+) -> Opened:
+    """Load the adapters (each once), read the base's headers and plan every change; schemes are checked too."""
+    items = steers(adapters)
+    refs = list(dict.fromkeys(str(s.adapter) for s in items))
+    loaded = [load_adapter(resolve(ref, "adapter")) for ref in refs]
+    base_ref = str(base) if base is not None else _common_base(refs, loaded)
+    if task_id is not None and not any("task_id" in a.family.options for a in loaded):
+        raise SchemeError(f"--task-id applies to Poly adapters only; {loaded[0].path} is a {loaded[0].peft_type} adapter.")
     options: dict[str, object] = {"task_id": task_id} if task_id is not None else {}
     checkpoint = Checkpoint(resolve(base_ref, "base"))
-    plan = plan_merge(checkpoint, loaded, loaded.family.scheme(scheme), dtype, options)
-    _refuse_zero_change(plan)
-    return plan, base_ref, options
+    opened = Opened(plan_merge(checkpoint, loaded, dtype, options), refs, base_ref, options)
+    first_terms: dict[int, Term] = {}
+    for steer in items:
+        term = opened.term(steer)  # an unknown scheme is refused before any work
+        first_terms.setdefault(term.adapter, term)
+    for term in first_terms.values():
+        _refuse_zero_change(opened, term)
+    return opened
 
 
-def _refuse_zero_change(plan: MergePlan) -> None:
-    """Before the base is streamed: does the adapter change anything at coeff 1? Module by module, stopping at
-    the first change: from the family's low-rank factors where it has them (‖BA‖² = tr(BᵀB·AAᵀ)), else on a
-    random base tensor of the module's shape."""
+def _common_base(refs: Sequence[str], loaded: Sequence[Adapter]) -> str:
+    named = {ref: adapter.base_model for ref, adapter in zip(refs, loaded) if adapter.base_model}
+    if not named:
+        raise BaseModelError(f"{loaded[0].path}/adapter_config.json names no base_model_name_or_path; pass --base.")
+    if len(set(named.values())) > 1:
+        listing = "; ".join(f"{ref}: {b}" for ref, b in named.items())
+        raise BaseModelError(f"The adapters name different base models ({listing}); pass --base to choose one.")
+    return next(iter(named.values()))
+
+
+def _refuse_zero_change(opened: Opened, term: Term) -> None:
+    """Before the base is streamed: does the term's adapter change anything at coeff 1 (its scheme)? Module by
+    module, stopping at the first change: from the family's low-rank factors where it has them
+    (‖BA‖² = tr(BᵀB·AAᵀ)), else on a random base tensor of the module's shape."""
     generator = torch.Generator().manual_seed(0)
-    for tensor in plan.edited:
-        edit = tensor.edit
-        if edit.part == "replace":
+    for tensor in opened.plan.edited:
+        change = tensor.changes.get(term.adapter)
+        if change is None:
+            continue
+        if change.part == "replace":
             return  # the planner keeps only stored tensors that differ from the base
-        shape = tuple(tensor.shape[::-1]) if edit.state.fan_in_fan_out else tuple(tensor.shape)
-        factors = edit.family.low_rank(edit.state, shape) if edit.part == "weight" and len(shape) == 2 else None
+        shape = tuple(tensor.shape[::-1]) if change.state.fan_in_fan_out else tuple(tensor.shape)
+        factors = change.family.low_rank(change.state, shape) if change.part == "weight" and len(shape) == 2 else None
         if factors is not None:
             b, a = (f.double() for f in factors)
             if float(torch.trace((b.T @ b) @ (a @ a.T))) > 0:
                 return
             continue
         base = torch.randn(tensor.shape, generator=generator)
-        if not torch.equal(edit(base, plan.scheme, 1.0), base):
+        if not torch.equal(change(base, term.scheme, 1.0), base):
             return
+    adapter = opened.plan.adapters[term.adapter]
     raise AdapterError(
-        f"The adapter {plan.adapter.path} changes no tensor: every module's delta is zero. Is it still at its "
+        f"The adapter {adapter.path} changes no tensor: every module's delta is zero. Is it still at its "
         "initialisation (e.g. LoRA B = 0)? Nothing was written."
     )
 

@@ -29,7 +29,7 @@ import tempfile
 from contextlib import contextmanager
 from json.decoder import scanstring
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from .checkpoint import INDEX_NAME, WEIGHT_FORMATS_REFUSED, Checkpoint, contained_file
 from .errors import OutputError
@@ -89,9 +89,9 @@ class OutputSlot:
         if self._lock is not None:
             self._lock.release()
 
-    def protect(self, **sources: Path) -> None:
-        """Refuse an output that is, contains or lies inside one of the inputs (kind=path)."""
-        refuse_overlap(self.output, sources)
+    def protect(self, *inputs: tuple[str, Path], **named: Path) -> None:
+        """Refuse an output that is, contains or lies inside one of the inputs ((kind, path) pairs, or kind=path)."""
+        refuse_overlap(self.output, [*inputs, *named.items()])
 
     def stage(self) -> Path:
         """A hidden sibling of the output (same filesystem, so publishing is a rename), named with our pid."""
@@ -146,10 +146,11 @@ def _files_in(folder: Path) -> list[str]:
     return found
 
 
-def refuse_overlap(output: Path, sources: Mapping[str, Path]) -> None:
-    """Refuse an output that is, contains or lies inside an input (compared as resolved real paths)."""
+def refuse_overlap(output: Path, sources: Mapping[str, Path | None] | Iterable[tuple[str, Path | None]]) -> None:
+    """Refuse an output that is, contains or lies inside an input (kind → path, or (kind, path) pairs; compared
+    as resolved real paths)."""
     real = Path(os.path.realpath(output))
-    for kind, source in sources.items():
+    for kind, source in sources.items() if isinstance(sources, Mapping) else sources:
         if source is None:
             continue
         src = Path(os.path.realpath(source))
@@ -275,7 +276,7 @@ def _remove_leftovers(output: Path) -> list[str]:
             continue
         if path.name.endswith("-old") and not os.path.lexists(output):
             path.rename(output)
-            notes.append(f"restored {output} from {path.name}, left aside by a killed weightsteer run (pid {pid})")
+            notes.append(f"restored {output.name} from {path.name}, left aside by a killed weightsteer run (pid {pid})")
             continue
         freed += sum(os.path.getsize(os.path.join(r, n)) for r, _, names in os.walk(path) for n in names)
         shutil.rmtree(path, ignore_errors=True)
