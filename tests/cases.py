@@ -37,10 +37,32 @@ def _lora(**kwargs):
     return make
 
 
+def _peft(config_class: str, **kwargs):
+    def make():
+        import peft
+
+        return getattr(peft, config_class)(**kwargs)
+
+    return make
+
+
+GPT2 = ["c_attn", "c_proj", "c_fc"]
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
 # ---- PEFT types on the reference architectures ------------------------------------------------------
 TYPE_CASES = [
     Case("lora-llama", "llama", _lora(r=4, lora_alpha=8, target_modules=ATTN_MLP), (None, "delta", "knob:scaling")),
     Case("lora-gpt2-conv1d", "gpt2", _lora(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
+    # PEFT 0.21 types (issue 13): one adapter per row, shared by its schemes.
+    Case("hira-llama", "llama", _peft("HiraConfig", r=4, target_modules=[*ATTN_MLP, "embed_tokens"]), scale=0.3),
+    Case("hira-gpt2-conv1d", "gpt2", _peft("HiraConfig", r=4, target_modules=GPT2, fan_in_fan_out=True), (None,), scale=0.3),
+    Case("beft-qwen2-bias", "qwen2", _peft("BeftConfig", target_modules=["q_proj", "k_proj", "v_proj"])),
+    Case("glora-llama", "llama", _peft("GloraConfig", r=4, target_modules=ATTN_MLP)),
+    Case("glora-qwen2-bias", "qwen2", _peft("GloraConfig", r=4, config_C="none", config_D_E="vector", target_modules=["q_proj", "v_proj"]), (None,)),
+    Case("gralora-llama", "llama", _peft("GraloraConfig", r=4, gralora_k=2, hybrid_r=2, alpha=8, target_modules=ATTN_MLP)),
+    Case("gralora-gpt2-conv1d", "gpt2", _peft("GraloraConfig", r=4, gralora_k=2, alpha=8, target_modules=GPT2, fan_in_fan_out=True), (None,)),
+    Case("peanut-llama", "llama", _peft("PeanutConfig", r=4, depth=2, scaling=2.0, target_modules=ATTN_MLP)),
+    Case("psoft-llama", "llama", _peft("PsoftConfig", r=4, psoft_alpha=8, target_modules=ATTN_MLP), around_one=("vector_",), scale=0.3),
 ]
 
 # ---- architectures (real-world checkpoints as transformers saves them) -------------------------------

@@ -64,7 +64,7 @@ def inspect(adapter: str | Path, base: str | Path | None = None) -> AdapterRepor
     report.rank = config.get("r")
     report.rank_pattern = config.get("rank_pattern") or {}
     report.parameters = sum(t.numel() for t in loaded.tensors.values())
-    modules, replaced, _ = split_keys(loaded.tensors, family.tokens, family.shared_tokens)
+    modules, replaced, _ = split_keys(loaded.tensors, family.tokens, family.shared_tokens, nested=family.nested)
     report.targets = sorted([*modules, *replaced])
     default = family.scheme(None)
     report.scheme = {"name": default.name, "formula": default.formula, "meaning": default.meaning}

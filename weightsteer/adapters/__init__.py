@@ -38,6 +38,12 @@ BUILTIN = {
     "LN_TUNING": "weightsteer.adapters.ln_tuning:LNTuning",
     "TRAINABLE_TOKENS": "weightsteer.adapters.trainable_tokens:TrainableTokens",
     "POLY": "weightsteer.adapters.poly:Poly",
+    "HIRA": "weightsteer.adapters.hira:HiRA",
+    "BEFT": "weightsteer.adapters.beft:BEFT",
+    "GLORA": "weightsteer.adapters.glora:GLoRA",
+    "GRALORA": "weightsteer.adapters.gralora:GraLoRA",
+    "PEANUT": "weightsteer.adapters.peanut:Peanut",
+    "PSOFT": "weightsteer.adapters.psoft:PSOFT",
 }
 
 FAMILIES = Registry(BUILTIN)
@@ -110,7 +116,7 @@ class Adapter:
 
     def replacements(self) -> dict[str, torch.Tensor]:
         """Base tensors the adapter stores whole (modules_to_save, trained biases, saved embeddings)."""
-        return split_keys(self.tensors, self.family.tokens, self.family.shared_tokens)[1]
+        return split_keys(self.tensors, self.family.tokens, self.family.shared_tokens, nested=self.family.nested)[1]
 
 
 def load_adapter(path: str | Path) -> Adapter:

@@ -96,6 +96,7 @@ class AdapterFamily:
     peft_types: ClassVar[tuple[str, ...]]
     tokens: ClassVar[tuple[str, ...]]  # parameter names in saved keys, e.g. ("lora_A", "lora_B")
     shared_tokens: ClassVar[tuple[str, ...]] = ()  # tensors saved once at base_model.<name>
+    nested: ClassVar[bool] = False  # tensors live inside sub-modules (`<token>.0.weight`): see split_keys
     schemes: ClassVar[dict[str, Scheme]]
     knobs: ClassVar[tuple[str, ...]] = ()  # scalars that `knob:<name>` may scale besides tensors
     options: ClassVar[tuple[str, ...]] = ()  # merge options the family reads, e.g. ("task_id",)
@@ -198,15 +199,18 @@ class ShapeLookup:
 
 
 def split_keys(
-    tensors: Mapping[str, torch.Tensor], tokens: Iterable[str], shared_tokens: Iterable[str] = ()
+    tensors: Mapping[str, torch.Tensor], tokens: Iterable[str], shared_tokens: Iterable[str] = (), *, nested: bool = False
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Sort saved adapter keys into (per-module params, replacement tensors, shared tensors).
 
     `base_model.model.<path>.<token>[.weight|.bias]` → modules[path][token or token.bias];
+    with nested=True (adapter tensors inside sub-modules, e.g. `<token>.0.weight`), the whole saved name
+    after the path is kept: modules[path]["<token>.0.weight"], the names `live_tensors` gives.
     `base_model.<shared>` → shared; any other key names a base tensor the adapter replaces
     (modules_to_save, trained biases, saved embeddings): `.base_layer` is dropped from its name.
     """
-    token_re = re.compile(r"^(?P<path>.+?)\.(?P<token>" + "|".join(map(re.escape, tokens)) + r")(?P<rest>(\.[^.]+)?)$")
+    rest = r"(\..+)?" if nested else r"(\.[^.]+)?"
+    token_re = re.compile(r"^(?P<path>.+?)\.(?P<token>" + "|".join(map(re.escape, tokens)) + r")(?P<rest>" + rest + r")$")
     shared_names = {SHARED_PREFIX + t for t in shared_tokens}
     modules: dict[str, dict[str, torch.Tensor]] = {}
     replacements: dict[str, torch.Tensor] = {}
@@ -222,7 +226,10 @@ def split_keys(
         if match is None:
             replacements[name.replace(".base_layer.", ".")] = tensor
             continue
-        param = match["token"] + (".bias" if match["rest"] == ".bias" else "")
+        if nested:
+            param = match["token"] + match["rest"]
+        else:
+            param = match["token"] + (".bias" if match["rest"] == ".bias" else "")
         modules.setdefault(match["path"], {})[param] = tensor
     return modules, replacements, shared
 
@@ -252,3 +259,28 @@ def finite(value: float, what: str) -> float:
     if not math.isfinite(value):
         raise SchemeError(f"{what} must be a finite number, got {value}.")
     return value
+
+
+def live_tensors(layer: torch.nn.Module, adapter: str, tokens: Iterable[str]) -> dict[str, torch.Tensor]:
+    """A live PEFT layer's adapter tensors under the names PEFT saves them with (the adapter name dropped):
+    `hira_A` for a ParameterDict/BufferDict entry, `peanut_A.weight` or `glora_A.Xd` inside a ModuleDict entry."""
+    found = {}
+    for token in tokens:
+        container = getattr(layer, token, None)
+        if container is None or adapter not in container:
+            continue
+        entry = container[adapter]
+        if isinstance(entry, torch.Tensor):
+            found[token] = entry
+        else:
+            found.update({f"{token}.{name}": p for name, p in entry.named_parameters()})
+    return found
+
+
+def scale_tensors(*names: str) -> SchemeFn:
+    """The linear scheme for a change linear in these tensors (no-op value 0): t → c·t."""
+
+    def apply(state: ModuleState, c: float) -> ModuleState:
+        return state.with_tensors(**{n: c * t for n, t in state.tensors.items() if n.split(".")[0] in names})
+
+    return apply

@@ -62,7 +62,7 @@ class FourierFT(ScaledDeltaFamily):
         return weight + torch.fft.ifft2(dense).real * state.scalars["scaling"]
 
     def live_scalars(self, layer: torch.nn.Module, adapter: str) -> dict[str, float]:
-        return {"random_loc_seed": layer.fourierft_random_loc_seed[adapter]}
+        return {**super().live_scalars(layer, adapter), "random_loc_seed": layer.fourierft_random_loc_seed[adapter]}
 
 
 @lru_cache(maxsize=64)
