@@ -62,6 +62,12 @@ TYPE_CASES = [
     Case("gralora-llama", "llama", _peft("GraloraConfig", r=4, gralora_k=2, hybrid_r=2, alpha=8, target_modules=ATTN_MLP)),
     Case("gralora-gpt2-conv1d", "gpt2", _peft("GraloraConfig", r=4, gralora_k=2, alpha=8, target_modules=GPT2, fan_in_fan_out=True), (None,)),
     Case("peanut-llama", "llama", _peft("PeanutConfig", r=4, depth=2, scaling=2.0, target_modules=ATTN_MLP)),
+    Case("pvera-llama", "llama", _peft("PveraConfig", r=4, target_modules=ATTN_MLP)),
+    Case("pvera-gpt2-conv1d", "gpt2", _peft("PveraConfig", r=4, target_modules=GPT2, fan_in_fan_out=True, save_projection=False), (None,)),
+    Case("supertuning-llama", "llama", _peft("SupertuningConfig", sparsity=0.95, r=2, target_modules=ATTN_MLP)),
+    Case("supertuning-recomputed-positions", "llama", _peft("SupertuningConfig", sparsity=0.9, save_precomputed_indices=False, target_modules=ATTN), (None,)),
+    Case("waveft-llama", "llama", _peft("WaveFTConfig", n_frequency=200, wavelet_family="db2", target_modules=ATTN_MLP)),
+    Case("waveft-gpt2-conv1d", "gpt2", _peft("WaveFTConfig", n_frequency=200, target_modules=GPT2, fan_in_fan_out=True), (None,)),
     Case("psoft-llama", "llama", _peft("PsoftConfig", r=4, psoft_alpha=8, target_modules=ATTN_MLP), around_one=("vector_",), scale=0.3),
 ]
 

@@ -44,6 +44,9 @@ BUILTIN = {
     "GRALORA": "weightsteer.adapters.gralora:GraLoRA",
     "PEANUT": "weightsteer.adapters.peanut:Peanut",
     "PSOFT": "weightsteer.adapters.psoft:PSOFT",
+    "PVERA": "weightsteer.adapters.vera:PVeRA",
+    "SUPERTUNING": "weightsteer.adapters.supertuning:Supertuning",
+    "WAVEFT": "weightsteer.adapters.waveft:WaveFT",
 }
 
 FAMILIES = Registry(BUILTIN)
