@@ -68,6 +68,11 @@ TYPE_CASES = [
     Case("supertuning-recomputed-positions", "llama", _peft("SupertuningConfig", sparsity=0.9, save_precomputed_indices=False, target_modules=ATTN), (None,)),
     Case("waveft-llama", "llama", _peft("WaveFTConfig", n_frequency=200, wavelet_family="db2", target_modules=ATTN_MLP)),
     Case("waveft-gpt2-conv1d", "gpt2", _peft("WaveFTConfig", n_frequency=200, target_modules=GPT2, fan_in_fan_out=True), (None,)),
+    Case("deft-llama", "llama", _peft("DeftConfig", r=4, alpha=8, target_modules=ATTN_MLP)),
+    Case("deft-qr-gpt2-conv1d", "gpt2", _peft("DeftConfig", r=4, decomposition_method="qr", target_modules=GPT2, fan_in_fan_out=True), (None,)),
+    Case("para-llama", "llama", _peft("DeftConfig", r=4, para=True, target_modules=ATTN), (None,), scale=0.3),
+    Case("frod-llama", "llama", _peft("FrodConfig", target_modules=ATTN_MLP), scale=0.05),
+    Case("frod-gpt2-conv1d", "gpt2", _peft("FrodConfig", target_modules=GPT2, fan_in_fan_out=True), (None,), scale=0.05),
     Case("psoft-llama", "llama", _peft("PsoftConfig", r=4, psoft_alpha=8, target_modules=ATTN_MLP), around_one=("vector_",), scale=0.3),
 ]
 

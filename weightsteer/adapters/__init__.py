@@ -47,6 +47,8 @@ BUILTIN = {
     "PVERA": "weightsteer.adapters.vera:PVeRA",
     "SUPERTUNING": "weightsteer.adapters.supertuning:Supertuning",
     "WAVEFT": "weightsteer.adapters.waveft:WaveFT",
+    "DEFT": "weightsteer.adapters.deft:DeFT",
+    "FROD": "weightsteer.adapters.frod:FRoD",
 }
 
 FAMILIES = Registry(BUILTIN)

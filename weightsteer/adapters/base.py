@@ -206,17 +206,18 @@ def split_keys(
     `base_model.model.<path>.<token>[.weight|.bias]` → modules[path][token or token.bias];
     with nested=True (adapter tensors inside sub-modules, e.g. `<token>.0.weight`), the whole saved name
     after the path is kept: modules[path]["<token>.0.weight"], the names `live_tensors` gives.
-    `base_model.<shared>` → shared; any other key names a base tensor the adapter replaces
+    `base_model.<shared>[.<group>]` → shared; any other key names a base tensor the adapter replaces
     (modules_to_save, trained biases, saved embeddings): `.base_layer` is dropped from its name.
     """
     rest = r"(\..+)?" if nested else r"(\.[^.]+)?"
     token_re = re.compile(r"^(?P<path>.+?)\.(?P<token>" + "|".join(map(re.escape, tokens)) + r")(?P<rest>" + rest + r")$")
-    shared_names = {SHARED_PREFIX + t for t in shared_tokens}
+    shared_tokens = tuple(shared_tokens)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     replacements: dict[str, torch.Tensor] = {}
     shared: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        if key in shared_names:
+        # base_model.<shared> or base_model.<shared>.<key> (FRoD, TinyLoRA: one tensor per group)
+        if key.startswith(SHARED_PREFIX) and not key.startswith(MODEL_PREFIX) and key[len(SHARED_PREFIX) :].split(".")[0] in shared_tokens:
             shared[key[len(SHARED_PREFIX) :]] = tensor
             continue
         if not key.startswith(MODEL_PREFIX):
