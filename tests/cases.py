@@ -73,6 +73,9 @@ TYPE_CASES = [
     Case("para-llama", "llama", _peft("DeftConfig", r=4, para=True, target_modules=ATTN), (None,), scale=0.3),
     Case("frod-llama", "llama", _peft("FrodConfig", target_modules=ATTN_MLP), scale=0.05),
     Case("frod-gpt2-conv1d", "gpt2", _peft("FrodConfig", target_modules=GPT2, fan_in_fan_out=True), (None,), scale=0.05),
+    Case("unilora-llama", "llama", _peft("UniLoraConfig", r=4, theta_d_length=512, save_indices=True, target_modules=ATTN_MLP), scale=0.3),
+    Case("tinylora-llama", "llama", _peft("TinyLoraConfig", r=4, u=8, weight_tying=0.5, target_modules=[*ATTN, "embed_tokens"]), scale=0.05),
+    Case("tinylora-gpt2-conv1d", "gpt2", _peft("TinyLoraConfig", r=4, u=8, target_modules=GPT2, fan_in_fan_out=True), (None,), scale=0.05),
     Case("psoft-llama", "llama", _peft("PsoftConfig", r=4, psoft_alpha=8, target_modules=ATTN_MLP), around_one=("vector_",), scale=0.3),
 ]
 

@@ -49,6 +49,8 @@ BUILTIN = {
     "WAVEFT": "weightsteer.adapters.waveft:WaveFT",
     "DEFT": "weightsteer.adapters.deft:DeFT",
     "FROD": "weightsteer.adapters.frod:FRoD",
+    "UNILORA": "weightsteer.adapters.unilora:UniLoRA",
+    "TINYLORA": "weightsteer.adapters.tinylora:TinyLoRA",
 }
 
 FAMILIES = Registry(BUILTIN)
