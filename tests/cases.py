@@ -76,6 +76,15 @@ TYPE_CASES = [
     Case("unilora-llama", "llama", _peft("UniLoraConfig", r=4, theta_d_length=512, save_indices=True, target_modules=ATTN_MLP), scale=0.3),
     Case("tinylora-llama", "llama", _peft("TinyLoraConfig", r=4, u=8, weight_tying=0.5, target_modules=[*ATTN, "embed_tokens"]), scale=0.05),
     Case("tinylora-gpt2-conv1d", "gpt2", _peft("TinyLoraConfig", r=4, u=8, target_modules=GPT2, fan_in_fan_out=True), (None,), scale=0.05),
+    # LoRA variants PEFT merges (issue 13)
+    Case("dora-embedding-llama", "llama", _lora(r=4, lora_alpha=8, use_dora=True, target_modules=["embed_tokens", "q_proj"])),
+    Case("velora-llama", "llama", _lora(r=4, target_modules=ATTN, velora_config={"num_groups": 4}), (None,)),
+    Case("monteclora-llama", "llama", _lora(r=4, target_modules=ATTN, monteclora_config={}), (None,)),
+    Case("bdlora-a-and-b-llama", "llama", _lora(r=4, target_modules=ATTN_MLP, use_bdlora={"target_modules_bd_a": ["o_proj", "down_proj"], "target_modules_bd_b": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"], "nblocks": 2})),
+    Case("bdlora-b-only-llama", "llama", _lora(r=4, target_modules=["q_proj", "v_proj"], use_bdlora={"target_modules_bd_b": ["q_proj", "v_proj"], "nblocks": 2}), (None,)),
+    Case("kasa-llama", "llama", _lora(r=4, target_modules=ATTN, kasa_config={}), ("knob:scaling",)),
+    Case("lora-target-parameters-gpt2-conv1d", "gpt2", _lora(r=4, target_modules=[], target_parameters=["attn.c_attn.weight", "mlp.c_fc.weight"]), (None,)),
+    Case("ln-tuning-gpt2-conv1d", "gpt2", _peft("LNTuningConfig", target_modules=["ln_1", "c_attn"]), (None,)),
     Case("psoft-llama", "llama", _peft("PsoftConfig", r=4, psoft_alpha=8, target_modules=ATTN_MLP), around_one=("vector_",), scale=0.3),
 ]
 

@@ -45,6 +45,7 @@ def scaled(model: torch.nn.Module, coeff: float, *, scheme: str | None = None, a
     with ExitStack() as stack:
         if chosen.apply is None:
             for _, module in layers:
+                family.check_live_delta(module, adapter)
                 stack.enter_context(_delta_hook(module, coeff))
         else:
             states = [(module, family.live_state(module, adapter, _path(name))) for name, module in layers]

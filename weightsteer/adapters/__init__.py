@@ -77,6 +77,18 @@ REFUSED = {
         "X-LoRA mixes its LoRA experts with weights that change per token, so no single weight matrix reproduces "
         "it. Merge one expert instead (pass its sub-folder, e.g. ADAPTER/0, as the adapter), at the coeff you want."
     ),
+    "CARTRIDGE": (
+        "Cartridges store a trained KV cache that is served as past_key_values, like prefix tuning; attention over "
+        "extra positions is not expressible as a weight change. Keep it as a runtime adapter."
+    ),
+    "LILY": (
+        "Lily mixes its shared B experts with router weights averaged over the tokens of each input, so its change "
+        "depends on the input and no fixed weight reproduces it (PEFT cannot merge it either)."
+    ),
+    "SHADOW": (
+        "ShadowPEFT runs a trainable shadow network alongside the frozen model and injects its state into every "
+        "block; the change depends on the input and is not a weight delta (PEFT cannot merge it either)."
+    ),
 }
 
 CONFIG_NAME = "adapter_config.json"

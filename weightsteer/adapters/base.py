@@ -138,6 +138,10 @@ class AdapterFamily:
     def set_live_state(self, layer: torch.nn.Module, adapter: str, state: ModuleState) -> None:
         raise NotImplementedError
 
+    def check_live_delta(self, layer: torch.nn.Module, adapter: str) -> None:
+        """Raise SchemeError if the runtime `delta` (y_base + c(y − y_base)) would not match the merge for this
+        layer, e.g. because PEFT changed the live base weight at load (KaSA)."""
+
     # ---- schemes -------------------------------------------------------------------------------
     def scheme(self, name: str | None) -> Scheme:
         name = name or "linear"
