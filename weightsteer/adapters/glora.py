@@ -34,6 +34,9 @@ class GLoRA(TensorDictFamily):
         ),
     }
 
+    def knob_names(self):
+        return ()  # a path's tensors depend on its parametrisation (Xd/Xu or X); `linear` scales them all
+
     def parse(self, config, tensors, base_shapes, options):
         modules, _, _ = split_keys(tensors, self.tokens, nested=self.nested)
         states = []
