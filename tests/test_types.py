@@ -102,8 +102,9 @@ def test_kasa_merges_the_truncated_base_and_interpolates_from_the_real_one(bases
         ("llama", lambda: peft.FrodConfig(target_modules=ATTN)),
         ("llama", lambda: peft.TinyLoraConfig(r=4, u=8, weight_tying=1.0, target_modules=ATTN)),
         ("llama", lambda: LoraConfig(r=4, use_dora=True, target_modules=["embed_tokens"])),
+        ("llama", lambda: peft.OSFConfig(effective_rank=48, target_modules=ATTN)),
     ],
-    ids=["para", "frod", "tinylora-shared-v", "dora-embedding"],
+    ids=["para", "frod", "tinylora-shared-v", "dora-embedding", "osf"],
 )
 def test_runtime_twin_restores_the_trained_adapter_exactly(bases, tmp_path, arch, config):
     adapter = make_adapter(bases(arch), tmp_path / "a", config(), scale=0.05)

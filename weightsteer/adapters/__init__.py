@@ -51,6 +51,7 @@ BUILTIN = {
     "FROD": "weightsteer.adapters.frod:FRoD",
     "UNILORA": "weightsteer.adapters.unilora:UniLoRA",
     "TINYLORA": "weightsteer.adapters.tinylora:TinyLoRA",
+    "OSF": "weightsteer.adapters.osf:OSF",
 }
 
 FAMILIES = Registry(BUILTIN)
