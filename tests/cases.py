@@ -58,6 +58,7 @@ TYPE_CASES = [
     Case("hira-gpt2-conv1d", "gpt2", _peft("HiraConfig", r=4, target_modules=GPT2, fan_in_fan_out=True), (None,), scale=1.0),
     Case("beft-qwen2-bias", "qwen2", _peft("BeftConfig", target_modules=["q_proj", "k_proj", "v_proj"])),
     Case("glora-llama", "llama", _peft("GloraConfig", r=4, target_modules=ATTN_MLP)),
+    Case("glora-vector-llama", "llama", _peft("GloraConfig", config_A_B="vector", target_modules=ATTN), (None,)),
     Case("glora-qwen2-bias", "qwen2", _peft("GloraConfig", r=4, config_C="none", config_D_E="vector", target_modules=["q_proj", "v_proj"]), (None,)),
     Case("gralora-llama", "llama", _peft("GraloraConfig", r=4, gralora_k=2, hybrid_r=2, alpha=8, target_modules=ATTN_MLP)),
     Case("gralora-gpt2-conv1d", "gpt2", _peft("GraloraConfig", r=4, gralora_k=2, alpha=8, target_modules=GPT2, fan_in_fan_out=True), (None,)),
@@ -67,7 +68,7 @@ TYPE_CASES = [
     Case("supertuning-llama", "llama", _peft("SupertuningConfig", sparsity=0.95, r=2, target_modules=ATTN_MLP)),
     Case("supertuning-recomputed-positions", "llama", _peft("SupertuningConfig", sparsity=0.9, save_precomputed_indices=False, target_modules=ATTN), (None,)),
     Case("waveft-llama", "llama", _peft("WaveFTConfig", n_frequency=200, wavelet_family="db2", target_modules=ATTN_MLP)),
-    Case("waveft-gpt2-conv1d", "gpt2", _peft("WaveFTConfig", n_frequency=200, target_modules=GPT2, fan_in_fan_out=True), (None,)),
+    Case("waveft-no-idwt-gpt2-conv1d", "gpt2", _peft("WaveFTConfig", n_frequency=200, use_idwt=False, target_modules=GPT2, fan_in_fan_out=True), (None,)),
     Case("deft-llama", "llama", _peft("DeftConfig", r=4, alpha=8, target_modules=ATTN_MLP)),
     Case("deft-qr-gpt2-conv1d", "gpt2", _peft("DeftConfig", r=4, decomposition_method="qr", target_modules=GPT2, fan_in_fan_out=True), (None,)),
     Case("para-llama", "llama", _peft("DeftConfig", r=4, para=True, target_modules=ATTN), (None,), scale=0.3),
@@ -87,6 +88,7 @@ TYPE_CASES = [
     Case("lora-target-parameters-gpt2-conv1d", "gpt2", _lora(r=4, target_modules=[], target_parameters=["attn.c_attn.weight", "mlp.c_fc.weight"]), (None,)),
     Case("ln-tuning-gpt2-conv1d", "gpt2", _peft("LNTuningConfig", target_modules=["ln_1", "c_attn"]), (None,)),
     Case("psoft-llama", "llama", _peft("PsoftConfig", r=4, psoft_alpha=8, target_modules=ATTN_MLP), around_one=("vector_",), scale=0.3),
+    Case("psoft-lowrank-pissa-neumann-llama", "llama", _peft("PsoftConfig", r=4, psoft_svd="lowrank", ab_svd_init="pissa_init", use_cayley_neumann=True, target_modules=ATTN), (None,), around_one=("vector_",), scale=0.3),
 ]
 
 # ---- architectures (real-world checkpoints as transformers saves them) -------------------------------
