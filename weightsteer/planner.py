@@ -148,7 +148,8 @@ def _add_module_edits(edits: dict[str, Edit], checkpoint: Checkpoint, family: Ad
     family.check_shapes(state, weight_shape, bias_info.shape if bias_info else None)
     if weight_name in edits:
         raise AdapterError(f"Two adapter modules change {weight_name}; weightsteer merges one change per tensor.")
-    edits[weight_name] = Edit(family, state, "weight")
+    if family.changes_weight(state):
+        edits[weight_name] = Edit(family, state, "weight")
     if bias_info is not None and family.changes_bias(state):
         edits[bias_name] = Edit(family, state, "bias")
 

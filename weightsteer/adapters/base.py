@@ -128,6 +128,10 @@ class AdapterFamily:
     def changes_bias(self, state: ModuleState) -> bool:
         return False
 
+    def changes_weight(self, state: ModuleState) -> bool:
+        """False for families that only change the bias (BEFT): the weight is copied, not recomputed."""
+        return True
+
     def check_shapes(self, state: ModuleState, weight_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None) -> None:
         """Raise AdapterError if the module's tensors cannot apply to a base weight of this shape."""
 

@@ -39,6 +39,9 @@ class BEFT(TensorDictFamily):
     def weight(self, state, weight):
         return weight
 
+    def changes_weight(self, state):
+        return False
+
     def changes_bias(self, state):
         return True
 
