@@ -38,15 +38,14 @@ class Supertuning(TensorDictFamily):
     def parse(self, config, tensors, base_shapes, options):
         modules, _, _ = split_keys(tensors, self.tokens, nested=self.nested)
         rank = config.get("r")
-        alpha = config.get("lora_alpha") or (2 * rank if rank else 0)
+        alpha = config.get("lora_alpha") or (2 * rank if rank else 0)  # SupertuningConfig: lora_alpha defaults to 2r
+        scalars = {"select_top": bool(config.get("select_top", True)), "lora_scaling": alpha / rank if rank else 0.0}
         states = []
         for path, params in modules.items():
             require(params, path, VALUES)
             if INDICES in params:
                 params[INDICES] = params[INDICES].long()
-            if LORA[0] in params:
-                params["lora_scaling"] = torch.tensor(alpha / rank)
-            states.append(ModuleState(path, params, {"select_top": bool(config.get("select_top", True))}))
+            states.append(ModuleState(path, params, dict(scalars)))
         return states
 
     def check_shapes(self, state, weight_shape, bias_shape):
@@ -66,15 +65,9 @@ class Supertuning(TensorDictFamily):
         merged = weight.reshape(-1).scatter_add(0, indices.to(weight.device), values).reshape(weight.shape)
         if LORA[0] in state.tensors:
             a, b = (state.tensors[n] for n in LORA)
-            merged = merged + state.tensors["lora_scaling"] * (b @ a)
+            merged = merged + state.scalars["lora_scaling"] * (b @ a)
         return merged
 
-    def live_state(self, layer, adapter, path):
-        state = super().live_state(layer, adapter, path)
-        if adapter in layer.supertuning_lora_A:
-            rank = layer.supertuning_rank[adapter]
-            state.tensors["lora_scaling"] = torch.tensor(layer.supertuning_lora_alpha[adapter] / rank)
-        return state
 
 
 def _top_positions(weight: torch.Tensor, count: int, largest: bool) -> torch.Tensor:
