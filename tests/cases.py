@@ -75,6 +75,7 @@ TYPE_CASES = [
     Case("frod-llama", "llama", _peft("FrodConfig", target_modules=ATTN_MLP), scale=0.15),
     Case("frod-gpt2-conv1d", "gpt2", _peft("FrodConfig", target_modules=GPT2, fan_in_fan_out=True), (None,), scale=0.15),
     Case("unilora-llama", "llama", _peft("UniLoraConfig", r=4, theta_d_length=512, save_indices=True, target_modules=ATTN_MLP), scale=0.3),
+    Case("unilora-gpt2-conv1d", "gpt2", _peft("UniLoraConfig", r=4, theta_d_length=512, save_indices=True, target_modules=GPT2, fan_in_fan_out=True), (None,), scale=0.3),
     Case("tinylora-llama", "llama", _peft("TinyLoraConfig", r=4, u=8, weight_tying=0.5, target_modules=[*ATTN, "embed_tokens"]), scale=0.15),
     Case("tinylora-gpt2-conv1d", "gpt2", _peft("TinyLoraConfig", r=4, u=8, target_modules=GPT2, fan_in_fan_out=True), (None,), scale=0.5),
     Case("osf-llama", "llama", _peft("OSFConfig", effective_rank=48, target_modules=ATTN), scale=0.05),
