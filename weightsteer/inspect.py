@@ -58,6 +58,10 @@ def inspect(adapter: str | Path, base: str | Path | None = None) -> AdapterRepor
     except UnsupportedAdapterError as e:
         report.reason = REFUSED.get(peft_type, str(e))
         return report
+    refusal = family.refusal(config)
+    if refusal is not None:
+        report.reason = refusal
+        return report
     loaded = load_adapter(folder)
     report.merge = "fixed task" if peft_type == "POLY" else "exact"
     report.reason = "one task id per merged model (--task-id)" if peft_type == "POLY" else "closed-form weight change"

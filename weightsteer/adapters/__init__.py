@@ -132,6 +132,9 @@ class Adapter:
         return self.config.get("base_model_name_or_path")
 
     def modules(self, base_shapes: ShapeLookup, options: Mapping[str, object] | None = None) -> list[ModuleState]:
+        reason = self.family.refusal(self.config)
+        if reason is not None:
+            raise UnsupportedAdapterError(f"Cannot merge this {self.peft_type} adapter: {reason}")
         return self.family.parse(self.config, self.tensors, base_shapes, options or {})
 
     def replacements(self) -> dict[str, torch.Tensor]:

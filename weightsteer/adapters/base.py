@@ -113,6 +113,11 @@ class AdapterFamily:
         """One state per adapted module. options: user choices such as {"task_id": 2} (Poly)."""
         raise NotImplementedError
 
+    def refusal(self, config: dict) -> str | None:
+        """Why this adapter_config.json cannot be merged (a setting PEFT's forward makes input-dependent, or that the
+        saved file lacks what the merge needs), or None. Checked before parsing, and by `inspect`."""
+        return None
+
     def tied_head_follows(self, config: dict) -> bool:
         """With tied embeddings, does PEFT's forward apply the embedding's change to the head as well?"""
         return bool(config.get("ensure_weight_tying"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import AdapterError, UnsupportedAdapterError
+from ..errors import AdapterError
 from .base import AdapterFamily, ModuleState, Scheme, require, scale_mix, shape_error, split_keys, toward
 
 LAMBDA, SPARSE = "frod_lambda_l", "frod_lambda_s_values"
@@ -30,14 +30,17 @@ class FRoD(AdapterFamily):
         "linear": Scheme("linear", "λ → λ₀ + c(λ − λ₀), S → c·S", "0: base · 1: trained · −1: W − ΔW", scale_mix),
     }
 
+    def refusal(self, config):
+        if not config.get("save_projection", True):
+            return (
+                "it was saved without its shared bases (save_projection=False). PEFT rebuilds them from every targeted "
+                "base weight of a role at load (a joint decomposition across layers), which a streaming merge does not "
+                "do. Re-save the adapter with save_projection=True."
+            )
+        return None
+
     def parse(self, config, tensors, base_shapes, options):
         modules, _, shared = split_keys(tensors, self.tokens, self.shared_tokens)
-        if modules and not config.get("save_projection", True):
-            raise UnsupportedAdapterError(
-                "This FRoD adapter was saved without its shared bases (save_projection=False). PEFT rebuilds them from "
-                "every targeted base weight of a role at load (a joint decomposition across layers), which a streaming "
-                "merge does not do. Re-save the adapter with save_projection=True."
-            )
         fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
         states = []
         for path, params in modules.items():

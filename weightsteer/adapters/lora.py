@@ -103,7 +103,6 @@ class LoRA(AdapterFamily):
                 "ordinary LoRA with PEFT: `model.save_pretrained(out, path_initial_model_for_weight_conversion="
                 "<folder saved right after init>)`, then merge the converted adapter."
             )
-        _refuse_variants(config)
         modules, _, _ = split_keys(tensors, self.tokens, nested=self.nested)
         rslora = bool(config.get("use_rslora", False))
         states = []
@@ -141,6 +140,18 @@ class LoRA(AdapterFamily):
 
     def knob_names(self):
         return (*LORA_TOKENS, *self.knobs)  # token rows are a replacement: knobs leave them as trained
+
+    def refusal(self, config):
+        if config.get("alora_invocation_tokens"):
+            return ALORA_REASON
+        if config.get("layer_replication"):
+            return (
+                f"it was trained with layer_replication={config['layer_replication']}: PEFT stacks copies of base "
+                "layers into a deeper model and trains each copy separately, so the adapted model has more layers than "
+                "the base checkpoint. weightsteer writes the base's own layers only; merge with PEFT "
+                "(merge_and_unload) and save the deeper model instead."
+            )
+        return None
 
     def check_live_delta(self, layer, adapter):
         if adapter in getattr(layer, "lora_diag", {}):
@@ -366,16 +377,6 @@ def _unnested(name: str) -> str:
     return name.removesuffix(".weight")
 
 
-def _refuse_variants(config: dict) -> None:
-    if config.get("alora_invocation_tokens"):
-        raise UnsupportedAdapterError(f"Cannot merge this LoRA adapter: {ALORA_REASON}")
-    if config.get("layer_replication"):
-        raise UnsupportedAdapterError(
-            f"This LoRA adapter was trained with layer_replication={config['layer_replication']}: PEFT stacks "
-            "copies of base layers into a deeper model and trains each copy separately, so the adapted model has "
-            "more layers than the base checkpoint. weightsteer writes the base's own layers only; merge with PEFT "
-            "(merge_and_unload) and save the deeper model instead."
-        )
 
 
 def _expand_block_diagonal(config: dict, path: str, params: dict[str, torch.Tensor]) -> None:

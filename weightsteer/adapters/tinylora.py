@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import AdapterError, UnsupportedAdapterError
+from ..errors import AdapterError
 from .base import ModuleState, Scheme, require, scale_tensors, shape_error, split_keys
 from .scaled_delta import TensorDictFamily
 
@@ -30,18 +30,21 @@ class TinyLoRA(TensorDictFamily):
     def knob_names(self):
         return (VECTOR,)
 
+    def refusal(self, config):
+        if not config.get("save_projection", True):
+            return (
+                "it was saved without its projections (save_projection=False). PEFT regenerates them from "
+                "projection_seed and each layer's index in the model's module order, which a merge from the checkpoint "
+                "alone does not know. Re-save it with save_projection=True."
+            )
+        return None
+
     def parse(self, config, tensors, base_shapes, options):
         modules, _, shared = split_keys(tensors, self.tokens, self.shared_tokens)
-        if any("tinylora_P" not in params for params in modules.values()):
-            raise UnsupportedAdapterError(
-                "This TinyLoRA adapter was saved without its projections (save_projection=False). PEFT regenerates "
-                "them from projection_seed and each layer's index in the model's module order, which a merge from the "
-                "checkpoint alone does not know. Re-save it with save_projection=True."
-            )
         groups = _groups(config, modules)
         states = []
         for path, params in modules.items():
-            require(params, path, *FACTORS)
+            require(params, path, *FACTORS)  # tinylora_P too: saved with save_projection=True
             key = f"{VECTOR}.{groups[path]}"
             if key not in shared:
                 raise AdapterError(f"TinyLoRA module {path} uses the shared vector {key}, which the adapter file lacks.")

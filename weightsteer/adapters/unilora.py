@@ -8,7 +8,6 @@ save_indices=True. ΔW is linear in scales_B (no-op 0): the linear scheme is sca
 
 from __future__ import annotations
 
-from ..errors import UnsupportedAdapterError
 from .base import ModuleState, Scheme, require, scale_tensors, shape_error, split_keys
 from .scaled_delta import TensorDictFamily
 
@@ -28,14 +27,17 @@ class UniLoRA(TensorDictFamily):
     def knob_names(self):
         return (THETA, "unilora_scales_A", "unilora_scales_B")
 
+    def refusal(self, config):
+        if not config.get("save_indices", False):
+            return (
+                "it was saved without its per-layer indices (save_indices=False): PEFT draws them at load over every "
+                "adapted layer in the model's module order, which a merge from the checkpoint alone does not know. "
+                "Re-save it with save_indices=True (PEFT: config.save_indices = True, then save_pretrained)."
+            )
+        return None
+
     def parse(self, config, tensors, base_shapes, options):
         modules, _, shared = split_keys(tensors, self.tokens, self.shared_tokens)
-        if not modules:
-            raise UnsupportedAdapterError(
-                "This UniLoRA adapter was saved without its per-layer indices (save_indices=False): PEFT draws them at "
-                "load over every adapted layer in the model's module order, which a merge from the checkpoint alone "
-                "does not know. Re-save it with save_indices=True (PEFT: config.save_indices = True, then save_pretrained)."
-            )
         states = []
         for path, params in modules.items():
             require(params, path, *PER_MODULE)

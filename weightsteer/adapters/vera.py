@@ -14,7 +14,7 @@ from typing import ClassVar, Mapping
 
 import torch
 
-from ..errors import AdapterError, UnsupportedAdapterError
+from ..errors import AdapterError
 from .base import AdapterFamily, ModuleState, Scheme, ShapeLookup, require, shape_error, split_keys
 
 
@@ -128,13 +128,13 @@ class PVeRA(VeRA):
     shared_tokens = ("pvera_A", "pvera_B")
     rank_split = 2
 
-    def parse(self, config, tensors, base_shapes, options):
+    def refusal(self, config):
         if config.get("sample_at_inference"):
-            raise UnsupportedAdapterError(
-                "This PVeRA adapter samples its low-rank code afresh at every forward pass (sample_at_inference=True), "
-                "so no fixed weight reproduces it. Adapters with sample_at_inference=False use the mean and merge."
+            return (
+                "it samples its low-rank code afresh at every forward pass (sample_at_inference=True), so no fixed "
+                "weight reproduces it. Adapters with sample_at_inference=False use the mean and merge."
             )
-        return super().parse(config, tensors, base_shapes, options)
+        return None
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
