@@ -51,14 +51,17 @@ def test_unmergeable_settings_are_refused_with_the_reason(bases, tmp_path, case)
     _refused(adapter, tmp_path, *phrases)
 
 
-@pytest.mark.parametrize("case", ["alora", "pvera-sampling", "tinylora-no-projection"])
-def test_inspect_reports_the_refusal(bases, tmp_path, case):
+@pytest.mark.parametrize("case", ["alora", "pvera-sampling"])
+def test_inspect_and_the_runtime_twin_report_the_refusal(bases, tmp_path, case):
     arch, config, phrases = REFUSED_CONFIGS[case]
     adapter = make_adapter(bases(arch), tmp_path / "a", config())
     result = CliRunner().invoke(main, ["inspect", str(adapter), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["merge"] == "refused" and phrases[0] in report["reason"]
+    model = PeftModel.from_pretrained(load_base(bases(arch)), adapter)
+    with pytest.raises(SchemeError, match=phrases[0]), weightsteer.scaled(model, 0.5):
+        pass
 
 
 @pytest.mark.parametrize(

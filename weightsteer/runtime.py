@@ -31,6 +31,9 @@ def scaled(model: torch.nn.Module, coeff: float, *, scheme: str | None = None, a
     config = model.peft_config[adapter]
     family = family_for(getattr(config.peft_type, "value", config.peft_type))
     chosen = family.scheme(scheme)
+    refusal = family.refusal(config.to_dict())
+    if refusal is not None:
+        raise SchemeError(f"coeff cannot be applied to this adapter: {refusal}")
     if getattr(config, "bias", "none") != "none":
         raise SchemeError(
             f"The adapter trains the base biases (bias={config.bias!r}); the live model no longer knows their base "
