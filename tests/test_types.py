@@ -33,12 +33,32 @@ def _refused(adapter, tmp_path, *phrases):
 
 
 REFUSED_CONFIGS = {
-    "alora": ("llama", lambda: LoraConfig(r=4, target_modules=["q_proj"], alora_invocation_tokens=[5, 9]), ("alora_invocation_tokens", "depends on the input")),
-    "layer-replication": ("llama", lambda: LoraConfig(r=4, target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]]), ("layer_replication", "more layers")),
-    "pvera-sampling": ("llama", lambda: peft.PveraConfig(r=4, target_modules=ATTN, sample_at_inference=True), ("sample_at_inference=True",)),
+    "alora": (
+        "llama",
+        lambda: LoraConfig(r=4, target_modules=["q_proj"], alora_invocation_tokens=[5, 9]),
+        ("alora_invocation_tokens", "depends on the input"),
+    ),
+    "layer-replication": (
+        "llama",
+        lambda: LoraConfig(r=4, target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]]),
+        ("layer_replication", "more layers"),
+    ),
+    "pvera-sampling": (
+        "llama",
+        lambda: peft.PveraConfig(r=4, target_modules=ATTN, sample_at_inference=True),
+        ("sample_at_inference=True",),
+    ),
     "unilora-no-indices": ("llama", lambda: peft.UniLoraConfig(r=4, target_modules=ATTN), ("save_indices=True",)),
-    "tinylora-no-projection": ("llama", lambda: peft.TinyLoraConfig(r=4, u=8, target_modules=ATTN, save_projection=False), ("save_projection=True",)),
-    "frod-no-projection": ("llama", lambda: peft.FrodConfig(target_modules=ATTN, save_projection=False), ("save_projection=True",)),
+    "tinylora-no-projection": (
+        "llama",
+        lambda: peft.TinyLoraConfig(r=4, u=8, target_modules=ATTN, save_projection=False),
+        ("save_projection=True",),
+    ),
+    "frod-no-projection": (
+        "llama",
+        lambda: peft.FrodConfig(target_modules=ATTN, save_projection=False),
+        ("save_projection=True",),
+    ),
     "glora-bias-path": ("qwen2", lambda: peft.GloraConfig(r=4, target_modules=["q_proj"]), ("config_C", "base weight")),
     "beft-without-bias": ("llama", lambda: peft.BeftConfig(target_modules=["q_proj"]), ("has no bias",)),
 }
@@ -77,7 +97,9 @@ def test_inspect_and_the_runtime_twin_report_the_refusal(bases, tmp_path, case):
 def test_types_weightsteer_does_not_merge_name_the_type_not_the_base(tmp_path, peft_type, phrases):
     folder = tmp_path / "a"
     folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type, "base_model_name_or_path": str(tmp_path / "no-such-base")}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": peft_type, "base_model_name_or_path": str(tmp_path / "no-such-base")})
+    )
     error = _refused(folder, tmp_path, *phrases)
     assert "no-such-base" not in error
 

@@ -18,7 +18,9 @@ class BEFT(TensorDictFamily):
     name = "BEFT"
     peft_types = ("BEFT",)
     tokens = (BIAS,)
-    schemes = {"linear": Scheme("linear", "beft_bias → c·beft_bias", "0: base · 1: trained · −1: b − Δb", scale_tensors(BIAS))}
+    schemes = {
+        "linear": Scheme("linear", "beft_bias → c·beft_bias", "0: base · 1: trained · −1: b − Δb", scale_tensors(BIAS))
+    }
 
     def parse(self, config, tensors, base_shapes, options):
         modules, _, _ = split_keys(tensors, self.tokens)

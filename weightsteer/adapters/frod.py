@@ -49,7 +49,9 @@ class FRoD(AdapterFamily):
             names = [f"{name}.{category}" for name in SHARED]
             missing = [n for n in names if n not in shared]
             if missing:
-                raise AdapterError(f"FRoD module {path} (role {category!r}) has no shared {', '.join(missing)}; the adapter file is incomplete.")
+                raise AdapterError(
+                    f"FRoD module {path} (role {category!r}) has no shared {', '.join(missing)}; the adapter file is incomplete."
+                )
             basis, indices, size = (shared[n] for n in names)
             tensors_ = {**params, "frod_V": basis, "frod_s_indices": indices.long(), "frod_s_size": size.long()}
             states.append(ModuleState(path, tensors_, {"mix": 1.0}, fan_in_fan_out=fan_in_fan_out))
@@ -58,7 +60,9 @@ class FRoD(AdapterFamily):
     def check_shapes(self, state, weight_shape, bias_shape):
         basis = state.tensors["frod_V"]
         if basis.shape != (weight_shape[1], weight_shape[1]) or state.tensors[LAMBDA].numel() != weight_shape[1]:
-            raise shape_error(state.path, "input features (frod_V of its role)", tuple(basis.shape[:1]), weight_shape[1])
+            raise shape_error(
+                state.path, "input features (frod_V of its role)", tuple(basis.shape[:1]), weight_shape[1]
+            )
 
     def weight(self, state, weight):
         basis = state.tensors["frod_V"].float()
@@ -71,7 +75,10 @@ class FRoD(AdapterFamily):
 
     # ---- runtime ---------------------------------------------------------------------------------
     def live_state(self, layer, adapter, path):
-        tensors = {LAMBDA: layer.frod_lambda_l[adapter].detach().clone(), SPARSE: layer.frod_lambda_s_values[adapter].detach().clone()}
+        tensors = {
+            LAMBDA: layer.frod_lambda_l[adapter].detach().clone(),
+            SPARSE: layer.frod_lambda_s_values[adapter].detach().clone(),
+        }
         return ModuleState(path, tensors, {"mix": 1.0}, fan_in_fan_out=layer.fan_in_fan_out)
 
     def set_live_state(self, layer, adapter, state):
@@ -79,7 +86,9 @@ class FRoD(AdapterFamily):
         _, identity = frod_u_and_lambda(layer.frod_V[adapter].float(), base.T if layer.fan_in_fan_out else base)
         mix = state.scalars["mix"]
         layer.frod_lambda_l[adapter].data.copy_(toward(identity, state.tensors[LAMBDA], mix))
-        layer.frod_lambda_s_values[adapter].data.copy_(state.tensors[SPARSE] if mix == 1.0 else mix * state.tensors[SPARSE])
+        layer.frod_lambda_s_values[adapter].data.copy_(
+            state.tensors[SPARSE] if mix == 1.0 else mix * state.tensors[SPARSE]
+        )
 
 
 def frod_u_and_lambda(basis: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

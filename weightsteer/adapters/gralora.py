@@ -38,7 +38,9 @@ class GraLoRA(ScaledDeltaFamily):
             require(params, path, *BLOCKS)
             k = params["gralora_A"].shape[0]
             if params["gralora_A"].shape[2] % k:
-                raise AdapterError(f"GraLoRA module {path}: rank {params['gralora_A'].shape[2]} is not divisible by gralora_k = {k}; the adapter file is inconsistent.")
+                raise AdapterError(
+                    f"GraLoRA module {path}: rank {params['gralora_A'].shape[2]} is not divisible by gralora_k = {k}; the adapter file is inconsistent."
+                )
             states.append(ModuleState(path, params, {"scaling": scaling}, fan_in_fan_out=fan_in_fan_out))
         return states
 

@@ -37,7 +37,9 @@ class HiRA(TensorDictFamily):
             embedding = "hira_embedding_A" in params
             require(params, path, *(EMBEDDING_NAMES if embedding else LINEAR_NAMES))
             if params[EMBEDDING_NAMES[0] if embedding else "hira_A"].dim() != 2:
-                raise UnsupportedAdapterError(f"HiRA module {path} adapts a convolution; weightsteer merges HiRA into Linear, Conv1D and Embedding layers.")
+                raise UnsupportedAdapterError(
+                    f"HiRA module {path} adapts a convolution; weightsteer merges HiRA into Linear, Conv1D and Embedding layers."
+                )
             layer = "embedding" if embedding else "linear"
             states.append(ModuleState(path, params, layer=layer, fan_in_fan_out=fan_in_fan_out and not embedding))
         return states

@@ -41,7 +41,6 @@ class Peanut(ScaledDeltaFamily):
         return weight + state.scalars["scaling"] * _network(state, weight)
 
 
-
 def _network(state: ModuleState, weight: torch.Tensor) -> torch.Tensor:
     from transformers.activations import ACT2FN
 

@@ -37,13 +37,18 @@ class PSOFT(ScaledDeltaFamily):
         settings = {key: config.get(key, default) for key, default in SETTINGS.items()}
         for path, params in modules.items():
             require(params, path, "psoft_R.weight")
-        return [ModuleState(path, params, {"scaling": scaling, "svd_scaling": scaling, "r": r, **settings}) for path, params in modules.items()]
+        return [
+            ModuleState(path, params, {"scaling": scaling, "svd_scaling": scaling, "r": r, **settings})
+            for path, params in modules.items()
+        ]
 
     def check_shapes(self, state, weight_shape, bias_shape):
         r = state.scalars["r"]
         expected = r * (r - 1) // 2 if state.scalars["psoft_orth"] else r * r
         if state.tensors["psoft_R.weight"].numel() != expected or r > min(weight_shape):
-            raise shape_error(state.path, "rank r (psoft_R.weight size)", f"r = {r} ≤ min(out, in)", tuple(weight_shape))
+            raise shape_error(
+                state.path, "rank r (psoft_R.weight size)", f"r = {r} ≤ min(out, in)", tuple(weight_shape)
+            )
 
     def weight(self, state, weight):
         a, b = _svd_factors(state, weight)

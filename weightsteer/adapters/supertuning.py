@@ -27,7 +27,9 @@ class Supertuning(TensorDictFamily):
     nested = True
     schemes = {
         "linear": Scheme(
-            "linear", "values → c·values, B → c·B", "0: base · 1: trained · −1: W − ΔW",
+            "linear",
+            "values → c·values, B → c·B",
+            "0: base · 1: trained · −1: W − ΔW",
             scale_tensors(VALUES, "supertuning_lora_B"),
         ),
     }
@@ -53,7 +55,9 @@ class Supertuning(TensorDictFamily):
         if count > weight_shape[0] * weight_shape[1]:
             raise shape_error(state.path, "weight size", f"at least {count} entries", tuple(weight_shape))
         if LORA[1] in state.tensors and state.tensors[LORA[1]].shape[0] != weight_shape[0]:
-            raise shape_error(state.path, "output features (supertuning_lora_B)", state.tensors[LORA[1]].shape[0], weight_shape[0])
+            raise shape_error(
+                state.path, "output features (supertuning_lora_B)", state.tensors[LORA[1]].shape[0], weight_shape[0]
+            )
 
     def weight(self, state, weight):
         values = state.tensors[VALUES]
@@ -61,13 +65,14 @@ class Supertuning(TensorDictFamily):
         if indices is None:
             indices = _top_positions(weight, values.numel(), state.scalars["select_top"])
         if indices.numel() != values.numel():
-            raise AdapterError(f"Super-Tuning module {state.path}: {indices.numel()} positions for {values.numel()} values; the adapter file is inconsistent.")
+            raise AdapterError(
+                f"Super-Tuning module {state.path}: {indices.numel()} positions for {values.numel()} values; the adapter file is inconsistent."
+            )
         merged = weight.reshape(-1).scatter_add(0, indices.to(weight.device), values).reshape(weight.shape)
         if LORA[0] in state.tensors:
             a, b = (state.tensors[n] for n in LORA)
             merged = merged + state.scalars["lora_scaling"] * (b @ a)
         return merged
-
 
 
 def _top_positions(weight: torch.Tensor, count: int, largest: bool) -> torch.Tensor:

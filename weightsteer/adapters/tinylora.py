@@ -47,10 +47,19 @@ class TinyLoRA(TensorDictFamily):
             require(params, path, *FACTORS)  # tinylora_P too: saved with save_projection=True
             key = f"{VECTOR}.{groups[path]}"
             if key not in shared:
-                raise AdapterError(f"TinyLoRA module {path} uses the shared vector {key}, which the adapter file lacks.")
+                raise AdapterError(
+                    f"TinyLoRA module {path} uses the shared vector {key}, which the adapter file lacks."
+                )
             layer = "embedding" if path.endswith(("embed_tokens", "wte", "word_embeddings", "embed_in")) else "linear"
             state_tensors = {**params, VECTOR: shared[key]}
-            states.append(ModuleState(path, state_tensors, layer=layer, fan_in_fan_out=bool(config.get("fan_in_fan_out", False)) and layer == "linear"))
+            states.append(
+                ModuleState(
+                    path,
+                    state_tensors,
+                    layer=layer,
+                    fan_in_fan_out=bool(config.get("fan_in_fan_out", False)) and layer == "linear",
+                )
+            )
         return states
 
     def check_shapes(self, state, weight_shape, bias_shape):
@@ -94,7 +103,9 @@ def _groups(config: dict, modules: dict[str, dict[str, torch.Tensor]]) -> dict[s
 def _layer_index(projection: torch.Tensor, seed: int, count: int, path: str) -> int:
     u, r, _ = projection.shape
     for index in range(count):
-        drawn = torch.normal(mean=0.0, std=1.0 / (r**0.5), size=(u, r, r), generator=torch.Generator().manual_seed(seed + index))
+        drawn = torch.normal(
+            mean=0.0, std=1.0 / (r**0.5), size=(u, r, r), generator=torch.Generator().manual_seed(seed + index)
+        )
         if torch.allclose(drawn, projection, atol=1e-2 / r**0.5, rtol=0):  # saved in a half dtype: compare loosely
             return index
     raise AdapterError(

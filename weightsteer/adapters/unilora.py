@@ -21,7 +21,9 @@ class UniLoRA(TensorDictFamily):
     tokens = (*PER_MODULE, THETA)
     shared_tokens = (THETA,)
     schemes = {
-        "linear": Scheme("linear", "scales_B → c·scales_B", "0: base · 1: trained · −1: W − BA", scale_tensors("unilora_scales_B")),
+        "linear": Scheme(
+            "linear", "scales_B → c·scales_B", "0: base · 1: trained · −1: W − BA", scale_tensors("unilora_scales_B")
+        ),
     }
 
     def knob_names(self):
@@ -42,7 +44,12 @@ class UniLoRA(TensorDictFamily):
         for path, params in modules.items():
             require(params, path, *PER_MODULE)
             require(shared, "base_model", THETA)
-            params = {**params, "unilora_indices_A": params["unilora_indices_A"].long(), "unilora_indices_B": params["unilora_indices_B"].long(), THETA: shared[THETA]}
+            params = {
+                **params,
+                "unilora_indices_A": params["unilora_indices_A"].long(),
+                "unilora_indices_B": params["unilora_indices_B"].long(),
+                THETA: shared[THETA],
+            }
             states.append(ModuleState(path, params, fan_in_fan_out=bool(config.get("fan_in_fan_out", False))))
         return states
 
@@ -58,4 +65,6 @@ class UniLoRA(TensorDictFamily):
     def low_rank(self, state, shape):
         t = state.tensors
         theta = t[THETA]
-        return theta[t["unilora_indices_B"]] * t["unilora_scales_B"], theta[t["unilora_indices_A"]] * t["unilora_scales_A"]
+        return theta[t["unilora_indices_B"]] * t["unilora_scales_B"], theta[t["unilora_indices_A"]] * t[
+            "unilora_scales_A"
+        ]

@@ -41,7 +41,9 @@ class WaveFT(ScaledDeltaFamily):
             require(params, path, SPECTRUM)
         if scalars["use_idwt"]:
             _filters(scalars["wavelet_family"])  # refuse an unknown family before any output exists
-        return [ModuleState(path, params, dict(scalars), fan_in_fan_out=fan_in_fan_out) for path, params in modules.items()]
+        return [
+            ModuleState(path, params, dict(scalars), fan_in_fan_out=fan_in_fan_out) for path, params in modules.items()
+        ]
 
     def check_shapes(self, state, weight_shape, bias_shape):
         n, (out_features, in_features) = state.tensors[SPECTRUM].numel(), weight_shape
@@ -70,8 +72,12 @@ def _delta(state: ModuleState, out_features: int, in_features: int) -> torch.Ten
     grid = torch.zeros(height, width)
     grid[rows + (height - out_features) // 2, cols + (width - in_features) // 2] = spectrum
     half_h, half_w = height // 2, width // 2
-    quadrants = torch.stack([grid[:half_h, :half_w], grid[:half_h, half_w:], grid[half_h:, :half_w], grid[half_h:, half_w:]])
-    kernel = torch.stack([torch.outer(lo, lo), torch.outer(hi, lo), torch.outer(lo, hi), torch.outer(hi, hi)]).unsqueeze(1)
+    quadrants = torch.stack(
+        [grid[:half_h, :half_w], grid[:half_h, half_w:], grid[half_h:, :half_w], grid[half_h:, half_w:]]
+    )
+    kernel = torch.stack(
+        [torch.outer(lo, lo), torch.outer(hi, lo), torch.outer(lo, hi), torch.outer(hi, hi)]
+    ).unsqueeze(1)
     image = torch.nn.functional.conv_transpose2d(quadrants.unsqueeze(0), kernel, stride=2)[0, 0]
     pad = (2 * lo.numel() - 3) // 2
     if pad > 0:
