@@ -249,6 +249,9 @@ def _merged(tensor: OutputTensor, base: torch.Tensor, base_rounded: torch.Tensor
     if not math.isfinite(float(target.sum())):  # one pass; NaN and inf survive a sum
         raise AdapterError(f"Merging {tensor.name} at coeff {result.coeff} gives NaN or inf; check the adapter and coeff.")
     rounded = target.to(base_rounded.dtype)
+    if target.shape != base.shape:  # added token rows: their change counts from the value they start at
+        base = tensor.edit(base, plan.scheme, 0.0)
+        base_rounded = base.to(base_rounded.dtype)
     before = result.rounding.changed
     result.rounding.add(base, target, rounded, base_rounded)
     if result.rounding.changed > before or not torch.equal(target, base):

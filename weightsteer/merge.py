@@ -12,7 +12,7 @@ import torch
 
 from .adapters import load_adapter
 from .checkpoint import DTYPES, Checkpoint
-from .engine import RoundingReport, stream
+from .engine import RoundingReport, is_base, stream
 from .errors import BaseModelError, SchemeError
 from .outputs import check_output, publish, remove_quietly, staging_dir
 from .planner import MergePlan, plan_merge
@@ -101,9 +101,16 @@ def merge_many(
             result.warnings.append(f"scheme {chosen.name} does not give the base model at coeff 0.")
     stagings = [staging_dir(r.path) for r in results]
     try:
-        stream(plan, results, stagings, torch.device(device or "cpu"), progress)
-        for result, staging in zip(results, stagings):
-            finish_output(plan, loaded, str(adapter), base_ref, options, result, staging, results)
+        # Outputs at the base (c = 0) get the base's own layout: no untied head, no resized vocabulary.
+        at_base = [is_base(plan, r.coeff) for r in results]
+        for plan_for, chosen_results in ((plan, [not b for b in at_base]), (plan.at_base(), at_base)):
+            group = [(r, s) for r, s, keep in zip(results, stagings, chosen_results) if keep]
+            if not group:
+                continue
+            stream(plan_for, [r for r, _ in group], [s for _, s in group], torch.device(device or "cpu"), progress)
+            for result, staging in group:
+                result.warnings.extend(plan_for.warnings)
+                finish_output(plan_for, loaded, str(adapter), base_ref, options, result, staging, results)
         for result, staging in zip(results, stagings):
             publish(staging, result.path)
     finally:
