@@ -107,6 +107,13 @@ def _introduction(provenance: dict, title: str) -> str:
     rounding = result["rounding"]
     adapter = _reference(provenance["adapter"], provenance.get("adapter_revision"))
     base = _reference(provenance["base_model"], provenance.get("base_revision"))
+    dropped = result.get("dropped_files") or []
+    dropped_row = (
+        f"| not copied from the base | {', '.join(f'`{n}`' for n in dropped)}: weights in other formats or copies, "
+        "which this merge did not rewrite |\n"
+        if dropped
+        else ""
+    )
     return f"""
 # {title}
 
@@ -125,7 +132,7 @@ no extra compute.
 | tensors changed | {len(result["changed_tensors"])} |
 | rounding | {rounding["swallowed_share"]:.1%} of changed elements rounded back to the base value; \
 relative error of the change {rounding["relative_error"]:.2%} |
-"""
+{dropped_row}"""
 
 
 def _reference(ref: str, revision: str | None) -> str:

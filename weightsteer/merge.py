@@ -33,6 +33,7 @@ class MergeResult:
     changed_tensors: list[str] = field(default_factory=list)
     rounding: RoundingReport = field(default_factory=RoundingReport)
     warnings: list[str] = field(default_factory=list)
+    dropped_files: list[str] = field(default_factory=list)  # base files holding weights the merge did not rewrite
     seconds: dict[str, float] = field(default_factory=dict)  # read / compute / write, shared by one run
 
     def to_dict(self) -> dict:

@@ -323,16 +323,24 @@ def _tied_outputs(checkpoint: Checkpoint, adapter: Adapter, edits: dict[str, Edi
         values = {m: edits.pop(m, None) if m != stored else edits.get(m) for m in members}
         if head in values and embedding in values and _head_reads_embedding(adapter, values[head]):
             values[head] = values[embedding]  # PEFT's tied head adapter reads the embedding's change (its saved copy is a view)
+        values = {m: values[stored] if _same_replacement(value, values[stored]) else value for m, value in values.items()}
         if values[stored] is None:
             edits.pop(stored, None)
         separate = [(m, values[m]) for m in members[1:] if values[m] is not values[stored]]
+        if head in dict(separate) and layout.tie_flag_patch():
+            # Untying by the flag unties every member (BART's encoder/decoder embed_tokens too): store them all.
+            separate = [(m, values[m]) for m in members[1:]]
+            plan.config_patch.update(layout.tie_flag_patch())
         if separate:
             added[stored] = separate
-            if head in dict(separate):
-                plan.config_patch.update(layout.tie_flag_patch())
         elif head in values and head != stored and values[head] is not None:
             plan.shared_head = (a.output_embedding or "").removesuffix(".weight")
     return added
+
+
+def _same_replacement(a: Edit | None, b: Edit | None) -> bool:
+    """Two whole copies of one tied tensor with equal values (PEFT saves a tied module_to_save under both names)."""
+    return a is not None and b is not None and a.part == b.part == "replace" and torch.equal(a.trained, b.trained)
 
 
 def _head_reads_embedding(adapter: Adapter, head_edit: Edit | None) -> bool:

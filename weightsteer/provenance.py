@@ -46,7 +46,7 @@ def finish_output(
         weight_map = {t.name: shard for shard, tensors in plan.shards.items() for t in tensors}
         total = sum(t.nbytes for tensors in plan.shards.values() for t in tensors)
         write_index(staging, weight_map, total, plan.checkpoint.index.get("metadata", {}))
-    copy_support_files(plan.checkpoint, staging, plan.config_patch)
+    _, result.dropped_files = copy_support_files(plan.checkpoint, staging, plan.config_patch)
     provenance = {
         "weightsteer_version": __version__,
         "adapter": adapter_ref,
