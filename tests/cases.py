@@ -70,6 +70,8 @@ MODEL_CASES: list[Case] = [
     Case("opt-tokens-same-rows", "opt", _lora(r=2, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 5, 9], "lm_head": [1, 5, 9]}), **MODEL_QUICK),
     # One shared modules_to_save copy behind the embedding and the head: scaled interpolates it once.
     Case("llama-tied-embedding-modules-to-save-tying", "llama_tied", _lora(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True), **MODEL_QUICK),
+    # A tied VLM (Gemma 3 loads as Gemma3ForConditionalGeneration) with a LoRA on the head: untied where each version reads it.
+    Case("gemma3-vlm-head-lora", "gemma3_vlm", _lora(r=2, target_modules=["lm_head", "q_proj"]), **MODEL_QUICK),
     # Encoder-decoders: T5's head and embed_tokens are tied to `shared`; BART's head to model.shared.
     Case("t5-head-and-embed-tokens-lora", "t5", _lora(r=2, target_modules=["q", "v", "lm_head", "embed_tokens"]), **MODEL_QUICK),
     Case("bart-head-lora", "bart", _lora(r=2, target_modules=["q_proj", "lm_head"]), **MODEL_QUICK),

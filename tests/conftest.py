@@ -57,6 +57,13 @@ def _tiny_model_config(arch: str, common: dict):
     if arch == "modernbert":
         ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
         return tf.ModernBertConfig(**common, **ids, max_position_embeddings=64, architectures=["ModernBertForMaskedLM"])
+    if arch == "gemma3_vlm":  # Gemma3ForConditionalGeneration, tied, with the flag in text_config too
+        text = dict(common, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+        return tf.Gemma3Config(
+            text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=127, boi_token_index=125,
+            eoi_token_index=126, tie_word_embeddings=True, architectures=["Gemma3ForConditionalGeneration"],
+        )
     raise ValueError(arch)
 
 
