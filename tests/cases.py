@@ -66,6 +66,10 @@ MODEL_CASES: list[Case] = [
     # ensure_weight_tying ties only modules named embed_tokens / lm_head: GPT-2's wte and Falcon's word_embeddings untie.
     Case("gpt2-wte-modules-to-save-tying", "gpt2", _lora(r=2, target_modules=["c_attn"], modules_to_save=["wte"], ensure_weight_tying=True), **MODEL_QUICK),
     Case("falcon-embedding-lora-tying", "falcon", _lora(r=2, target_modules=[*NEOX, "word_embeddings"], ensure_weight_tying=True), **MODEL_QUICK),
+    # PEFT moves modules_to_save=["lm_head"] to `transformer.wte` and saves both copies, but on loading it ties
+    # nothing (wte is not a name it knows) and loads the head's copy into the shared base weight: its live model
+    # then has no base left to scale from (it runs the trained copy at every c), so only c = 1 has an oracle.
+    Case("gpt2-head-modules-to-save-tying", "gpt2", _lora(r=2, target_modules=["c_attn"], modules_to_save=["lm_head"], ensure_weight_tying=True), schemes=(None,), coeffs=(1,)),
     Case("gpt2-head-lora-tying", "gpt2", _lora(r=2, target_modules=["c_attn", "lm_head"], ensure_weight_tying=True), **MODEL_QUICK),
     Case("opt-tokens-same-rows", "opt", _lora(r=2, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 5, 9], "lm_head": [1, 5, 9]}), **MODEL_QUICK),
     # One shared modules_to_save copy behind the embedding and the head: scaled interpolates it once.

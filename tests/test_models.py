@@ -32,6 +32,7 @@ def test_coeff_zero_keeps_the_tied_layout(bases, tmp_path):
     assert _files(zero) == _files(base)
     for name in _files(base):
         assert (zero / name).read_bytes() == (base / name).read_bytes(), name
+    assert weightsteer.verify(zero).ok and weightsteer.verify(one).ok
 
 
 def test_gpt_neox_head_is_embed_out(bases, tmp_path):

@@ -246,6 +246,8 @@ class _Checker:
         self.base, self.merged = base, merged
         self.task_id = options.get("task_id")
         self.plan = plan_merge(base, adapter, scheme, None, options)
+        if coeff == 0 and scheme.base_at_zero:  # a coeff-0 merge is the base, in the base's layout
+            self.plan = self.plan.at_base()
         self.outputs = {t.name: t for tensors in self.plan.shards.values() for t in tensors}
         self.peft_config = PeftConfig.from_pretrained(str(adapter.path))
 
