@@ -179,3 +179,14 @@ def test_verify_logits_loads_the_model_class_of_the_checkpoint(bases, tmp_path, 
     report = weightsteer.verify(out, logits=True, prompts=[[1, 5, 9, 17]])
     assert report.ok, report.failures
     assert report.logits.max_abs < 1e-4
+
+
+def test_added_tokens_need_every_embedding_resized(added_tokens, tmp_path):
+    base, _, adapter = added_tokens
+    partial = tmp_path / "adapter"
+    shutil.copytree(adapter, partial)
+    saved = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: v for k, v in saved.items() if "lm_head" not in k}, partial / "adapter_model.safetensors")
+    with pytest.raises(weightsteer.AdapterError, match="but not lm_head.weight, which keeps the base's 128"):
+        weightsteer.merge(partial, tmp_path / "m", base=base)
+    assert not (tmp_path / "m").exists()

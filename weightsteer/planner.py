@@ -147,7 +147,8 @@ def plan_merge(
             for name, edit in added.get(info.name, []):
                 tensors.append(OutputTensor(name, info, code, edit, resized.get(name)))
     if resized:
-        plan.config_patch.update(_config_keys(checkpoint.config, "vocab_size", max(shape[0] for shape in resized.values())))
+        vocab = _check_resized(plan, resized)
+        plan.config_patch.update(_config_keys(checkpoint.config, "vocab_size", vocab))
     if out_code is not None:
         plan.config_patch["torch_dtype" if "torch_dtype" in checkpoint.config else "dtype"] = str(dtype).removeprefix("torch.")
     return plan
@@ -200,6 +201,22 @@ def _add_replacements(edits: dict[str, Edit], checkpoint: Checkpoint, adapter: A
         elif not torch.equal(trained, checkpoint.read(base_info.name).float()):
             edits[target] = Edit(None, part="replace", trained=trained)
     return resized
+
+
+def _check_resized(plan: MergePlan, resized: dict[str, tuple[int, ...]]) -> int:
+    """The new vocabulary size; refused unless every embedding and head of the output has it."""
+    layout = tying(plan.checkpoint)
+    vocab = max(shape[0] for shape in resized.values())
+    a = layout.anatomy
+    vocabulary = {layout.key(a.input_embedding), layout.key(a.output_embedding)} if a else set(resized)
+    stale = [t.name for tensors in plan.shards.values() for t in tensors if t.name in vocabulary and t.shape[0] != vocab]
+    if stale or any(shape[0] != vocab for shape in resized.values()):
+        raise AdapterError(
+            f"The adapter stores {', '.join(resized)} with a vocabulary of {vocab} tokens, but not "
+            f"{', '.join(stale) or 'every embedding'}, which keeps the base's {plan.checkpoint.tensors[next(iter(resized))].shape[0]}: "
+            "the rows of the added tokens are missing. Merge into the resized base model instead (--base)."
+        )
+    return vocab
 
 
 def _adds_rows(base: tuple[int, ...], trained: tuple[int, ...]) -> bool:
