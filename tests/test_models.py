@@ -102,6 +102,7 @@ def added_tokens(bases, tmp_path_factory):
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]))
     perturb(peft_model)
     peft_model.save_pretrained(root / "adapter")  # base_model_name_or_path: the un-resized base, as users train it
+    (root / "adapter" / "tokenizer.json").write_text('{"note": "the tokenizer with the added tokens"}\n')
     saved = load_file(root / "adapter" / "adapter_model.safetensors")
     assert "base_model.model.lm_head.original_module.weight" in saved and "base_model.model.lm_head.modules_to_save.weight" in saved
     return base, root / "resized", root / "adapter"
@@ -122,6 +123,8 @@ def test_added_tokens_merge(added_tokens, tmp_path, into):
         out = weightsteer.merge(adapter, tmp_path / f"m{c}", coeff=c, base=target)
         config = json.loads((out / "config.json").read_text())
         assert config["vocab_size"] == 128 + ADDED
+        if into == "original":  # the grown vocabulary comes with the adapter's tokenizer
+            assert (out / "tokenizer.json").read_bytes() == (adapter / "tokenizer.json").read_bytes()
         with torch.no_grad():
             merged = load_base(out).eval()(torch.cat([TOKENS, torch.tensor([[128, 135]])], dim=1)).logits
         assert (merged - _resized_runtime(resized, adapter, c)).abs().max() < 1e-4, c
@@ -190,3 +193,17 @@ def test_added_tokens_need_every_embedding_resized(added_tokens, tmp_path):
     with pytest.raises(weightsteer.AdapterError, match="but not lm_head.weight, which keeps the base's 128"):
         weightsteer.merge(partial, tmp_path / "m", base=base)
     assert not (tmp_path / "m").exists()
+
+
+def test_a_checkpoint_storing_both_tied_sides_is_marked_untied(bases, tmp_path):
+    """Some Hub checkpoints store the tied head too (equal, so transformers ties them): changing one side unties."""
+    base = tmp_path / "base"
+    shutil.copytree(bases("llama_tied"), base)
+    tensors = load_file(base / "model.safetensors")
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, base / "model.safetensors")
+    adapter = make_adapter(base, tmp_path / "a", LoraConfig(r=2, target_modules=["embed_tokens"]))
+    out = weightsteer.merge(adapter, tmp_path / "m")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    model = PeftModel.from_pretrained(load_base(base), adapter).eval()
+    with torch.no_grad():
+        assert (model_logits(out) - model(TOKENS).logits).abs().max() < 1e-4

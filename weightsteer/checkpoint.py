@@ -139,18 +139,16 @@ class Checkpoint:
         """The weight files, chosen as transformers' from_pretrained chooses them (modeling_utils.
         _get_resolved_checkpoint_files): config.json `transformers_weights` if set, else model.safetensors,
         else model.safetensors.index.json. A leftover model.safetensors beside an index wins, as it does there."""
+        self.index, self._index_path = None, None
         explicit = self.config.get("transformers_weights")
-        single = self.root / "model.safetensors"
-        index = self.root / (explicit if isinstance(explicit, str) else INDEX_NAME)
-        if isinstance(explicit, str) and not explicit.endswith((".safetensors", ".safetensors.index.json")):
+        if explicit is not None and not (isinstance(explicit, str) and explicit.endswith((".safetensors", ".safetensors.index.json"))):
             raise BaseModelError(f"{self.root}/config.json names transformers_weights {explicit!r}; weightsteer reads safetensors only.")
-        if isinstance(explicit, str) and explicit.endswith(".safetensors"):
-            single = self.root / explicit
-        self.index = None
-        self._index_path = None
-        if single.is_file() and not (isinstance(explicit, str) and explicit.endswith(".index.json")):
-            return [single.name]
-        if index.is_file():
+        single, index = self.root / "model.safetensors", self.root / INDEX_NAME
+        if explicit is not None:
+            single, index = (self.root / explicit, None) if explicit.endswith(".safetensors") else (None, self.root / explicit)
+        if single is not None and single.is_file():
+            return [str(single.relative_to(self.root))]
+        if index is not None and index.is_file():
             self._index_path = index
             self.index = json.loads(index.read_text())
             names = list(dict.fromkeys(self.index["weight_map"].values()))

@@ -78,6 +78,20 @@ def copy_support_files(checkpoint: Checkpoint, staging: Path, config_patch: dict
     return copied, dropped
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
+
+
+def copy_tokenizer_files(source: Path, staging: Path) -> list[str]:
+    """Copy the tokenizer files of `source` (an adapter that added tokens ships its tokenizer) over the base's."""
+    copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    for name in copied:
+        shutil.copyfile(source / name, staging / name)
+    return copied
+
+
 def _holds_weights(relative: Path) -> bool:
     folders = relative.parts[:-1]
     return (

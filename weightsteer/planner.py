@@ -352,7 +352,22 @@ def _tied_outputs(checkpoint: Checkpoint, adapter: Adapter, edits: dict[str, Edi
             added[stored] = separate
         elif head in values and head != stored and values[head] is not None:
             plan.shared_head = (a.output_embedding or "").removesuffix(".weight")
+    if _stored_twice_and_diverging(layout, edits):
+        plan.config_patch.update(layout.tie_flag_patch())
     return added
+
+
+def _stored_twice_and_diverging(layout: Tying, edits: dict[str, Edit]) -> bool:
+    """A checkpoint that stores both sides of a tie (equal, so transformers ties them) whose sides now differ:
+    the flag must say untied, or runtimes that tie by the config alone read one side for both."""
+    stored = layout.checkpoint.tensors
+    for target, source in layout.anatomy.tied.items():
+        sides = [layout.disk(target), layout.disk(source)]
+        if all(n in stored for n in sides):
+            first, second = (edits.get(n) for n in sides)
+            if first is not second and not _same_replacement(first, second):
+                return True
+    return False
 
 
 def _same_replacement(a: Edit | None, b: Edit | None) -> bool:

@@ -11,7 +11,7 @@ from . import __version__
 from .adapters import Adapter
 from .card import base_license, write_card
 from .errors import AdapterError
-from .outputs import PROVENANCE_NAME, copy_support_files, write_index
+from .outputs import PROVENANCE_NAME, copy_support_files, copy_tokenizer_files, write_index
 from .planner import MergePlan
 from .resolve import snapshot_revision
 
@@ -47,6 +47,9 @@ def finish_output(
         total = sum(t.nbytes for tensors in plan.shards.values() for t in tensors)
         write_index(staging, weight_map, total, plan.checkpoint.index.get("metadata", {}))
     _, result.dropped_files = copy_support_files(plan.checkpoint, staging, plan.config_patch)
+    # A grown vocabulary (added tokens) needs the tokenizer that knows them: the adapter's, where it ships one.
+    resized = any(key.endswith("vocab_size") for key in plan.config_patch)
+    tokenizer_from_adapter = copy_tokenizer_files(adapter.path, staging) if resized else []
     provenance = {
         "weightsteer_version": __version__,
         "adapter": adapter_ref,
@@ -59,6 +62,7 @@ def finish_output(
         "scheme": {"name": plan.scheme.name, "formula": plan.scheme.formula},
         "options": dict(options),
         "config_patch": plan.config_patch,
+        "tokenizer_from_adapter": tokenizer_from_adapter,
         "result": result.to_dict() | {"path": None},
         "siblings": [{"coeff": r.coeff, "name": r.path.name} for r in results if r is not result],
     }
