@@ -173,7 +173,8 @@ def test_t5_lora_on_shared_is_refused(bases, tmp_path):
     [
         ("bert_cls", LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"])),
         ("modernbert", LoraConfig(r=2, target_modules=["Wqkv"])),
-        ("t5", LoraConfig(r=2, target_modules=["q", "v"])),
+        ("t5", LoraConfig(r=2, target_modules=["q", "lm_head"])),
+        ("gemma3_vlm", LoraConfig(r=2, target_modules=["lm_head", "q_proj"])),
     ],
 )
 def test_verify_logits_loads_the_model_class_of_the_checkpoint(bases, tmp_path, arch, config):

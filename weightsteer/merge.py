@@ -102,16 +102,14 @@ def merge_many(
             result.warnings.append(f"scheme {chosen.name} does not give the base model at coeff 0.")
     stagings = [staging_dir(r.path) for r in results]
     try:
-        # Outputs at the base (c = 0) get the base's own layout: no untied head, no resized vocabulary.
-        at_base = [is_base(plan, r.coeff) for r in results]
-        for plan_for, chosen_results in ((plan, [not b for b in at_base]), (plan.at_base(), at_base)):
-            group = [(r, s) for r, s, keep in zip(results, stagings, chosen_results) if keep]
-            if not group:
-                continue
-            stream(plan_for, [r for r, _ in group], [s for _, s in group], torch.device(device or "cpu"), progress)
-            for result, staging in group:
-                result.warnings.extend(plan_for.warnings)
-                finish_output(plan_for, loaded, str(adapter), base_ref, options, result, staging, results)
+        # An output at the base (c = 0) gets the base's own layout: no untied head, no grown vocabulary.
+        base_plan = plan.at_base()
+        for layout in (plan, base_plan):
+            group = [(r, s) for r, s in zip(results, stagings) if is_base(plan, r.coeff) == (layout is base_plan)]
+            if group:
+                stream(layout, [r for r, _ in group], [s for _, s in group], torch.device(device or "cpu"), progress)
+                for result, staging in group:
+                    finish_output(layout, loaded, str(adapter), base_ref, options, result, staging, results)
         for result, staging in zip(results, stagings):
             publish(staging, result.path)
     finally:

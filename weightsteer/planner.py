@@ -102,7 +102,6 @@ class MergePlan:
     config_patch: dict[str, object] = field(default_factory=dict)  # "a.b" keys patch nested objects (text_config)
     # The module path of an output head that shares the edited input embedding's tensor (it changes with it).
     shared_head: str | None = None
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def edited(self) -> list[OutputTensor]:
@@ -115,7 +114,7 @@ class MergePlan:
             for shard, tensors in self.shards.items()
         }
         patch = {k: v for k, v in self.config_patch.items() if k in ("dtype", "torch_dtype")}
-        return MergePlan(self.checkpoint, self.adapter, self.scheme, shards, patch, warnings=list(self.warnings))
+        return MergePlan(self.checkpoint, self.adapter, self.scheme, shards, patch)
 
 
 def plan_merge(
