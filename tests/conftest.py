@@ -185,7 +185,10 @@ def assert_matches_runtime(base: Path, adapter: Path, out_root: Path, coeffs, sc
 
 
 def assert_base_identical(base: Path, out: Path) -> None:
-    """Every tensor of out equals the base's bit for bit (and none is missing)."""
+    """Every tensor of out equals the base's bit for bit (and none is missing), in the base's weight files,
+    with the base's config.json byte for byte (no untied head, no patched flag)."""
+    assert sorted(f.name for f in out.glob("*.safetensors*")) == sorted(f.name for f in base.glob("*.safetensors*"))
+    assert (out / "config.json").read_bytes() == (base / "config.json").read_bytes()
     ours = {}
     for f in sorted(out.glob("*.safetensors")):
         ours.update(load_file(f))
