@@ -53,11 +53,55 @@ def _tokens(**kwargs):
 
 
 # ---- architectures (real-world checkpoints as transformers saves them) -------------------------------
+# Module paths ≠ stored names: PEFT saves model.language_model.…, the checkpoint stores model.… or
+# language_model.model.… (weightsteer.names replays transformers' conversion mapping). The table compares text-only
+# logits; tests/test_names.py compares every stored tensor (vision tower, projector) with PEFT's own merge.
+SHORT = (-1, 0, 0.5, 1)
+VLM_CASES = [
+    Case("vlm-qwen2_vl", "qwen2_vl", _lora(r=2, lora_alpha=4, target_modules=[*ATTN_MLP, "qkv", "fc1", "mlp.0"]), coeffs=SHORT),
+    Case("vlm-qwen2_5_vl", "qwen2_5_vl", _lora(r=2, lora_alpha=4, target_modules=[*ATTN_MLP, "qkv", "mlp.0"]), coeffs=SHORT),
+    Case("vlm-qwen3_vl", "qwen3_vl", _lora(r=2, lora_alpha=4, target_modules=[*ATTN_MLP, "qkv", "linear_fc1"]), coeffs=SHORT),
+    Case(
+        "vlm-gemma3",
+        "gemma3",
+        _lora(r=2, lora_alpha=4, target_modules=[*ATTN_MLP, "fc1", "out_proj"],
+              target_parameters=["multi_modal_projector.mm_input_projection_weight"]),
+        coeffs=SHORT,
+    ),
+    Case("vlm-llava", "llava", _lora(r=2, lora_alpha=4, target_modules=[*ATTN_MLP, "fc1", "linear_1", "linear_2", "lm_head"]), coeffs=SHORT),
+    Case("vlm-mistral3", "mistral3", _lora(r=2, lora_alpha=4, target_modules=[*ATTN_MLP, "linear_1", "merging_layer"]), coeffs=SHORT),
+]
+# MoE experts: transformers 5 fuses them into 3-D parameters that PEFT targets with target_parameters (ParamWrapper);
+# the checkpoint stores one tensor per expert. PEFT 0.21 rewrites Mixtral's ["w1", "w2", "w3", "gate"] and Qwen3-MoE's
+# "all-linear" into target_parameters itself.
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+MOE_CASES = [
+    Case("moe-mixtral-w123", "mixtral", _lora(r=2, lora_alpha=4, target_modules=["q_proj", "w1", "w2", "w3", "gate"]), coeffs=SHORT),
+    Case("moe-qwen3_moe-all-linear", "qwen3_moe", _lora(r=2, lora_alpha=4, target_modules="all-linear"), coeffs=SHORT),
+    Case("moe-qwen3_moe-router", "qwen3_moe", _lora(r=2, lora_alpha=4, target_modules=[], target_parameters=["mlp.gate.weight"]), coeffs=SHORT),
+    Case(
+        "moe-qwen2_moe-shared",
+        "qwen2_moe",
+        _lora(r=2, lora_alpha=4, target_modules=["q_proj", "shared_expert.gate_proj", "shared_expert.down_proj", "shared_expert_gate"],
+              target_parameters=[*EXPERTS, "mlp.gate.weight"]),
+        coeffs=SHORT,
+    ),
+    Case(
+        "moe-gpt_oss",
+        "gpt_oss",
+        # three ParamWrappers nested on one experts module, one of them on a 2-D bias; gate_up_proj is stored fused
+        # and interleaved as the model holds it, (experts, in, out) (`is_transposed`)
+        _lora(r=2, lora_alpha=4, target_modules=["q_proj"], use_rslora=True,
+              target_parameters=[*EXPERTS, "mlp.experts.gate_up_proj_bias", "mlp.router.weight"]),
+        coeffs=SHORT,
+    ),
+    Case("moe-deepseek_v3", "deepseek_v3", _lora(r=2, lora_alpha=4, target_modules=["q_b_proj", "kv_b_proj"], target_parameters=EXPERTS), coeffs=SHORT),
+]
 # Embeddings, heads and tying per architecture, from PEFT's own test matrix (tied and untied heads, token rows on
 # the embedding and the head, ensure_weight_tying), and model classes other than causal LMs.
 MODEL_QUICK = dict(schemes=(None,), coeffs=(-1, 0, 0.5, 1))
 NEOX = ["query_key_value"]
-MODEL_CASES: list[Case] = [
+HEAD_CASES = [
     # GPT-NeoX stores its head as embed_out (transformers names the module lm_head).
     Case("neox-head-modules-to-save", "gpt_neox", _lora(r=2, target_modules=NEOX, modules_to_save=["lm_head"]), **MODEL_QUICK),
     Case("neox-head-lora", "gpt_neox", _lora(r=2, target_modules=[*NEOX, "lm_head"]), **MODEL_QUICK),
@@ -75,7 +119,7 @@ MODEL_CASES: list[Case] = [
     # One shared modules_to_save copy behind the embedding and the head: scaled interpolates it once.
     Case("llama-tied-embedding-modules-to-save-tying", "llama_tied", _lora(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True), **MODEL_QUICK),
     # A tied VLM (Gemma 3 loads as Gemma3ForConditionalGeneration) with a LoRA on the head: untied where each version reads it.
-    Case("gemma3-vlm-head-lora", "gemma3_vlm", _lora(r=2, target_modules=["lm_head", "q_proj"]), **MODEL_QUICK),
+    Case("gemma3-vlm-head-lora", "gemma3", _lora(r=2, target_modules=["lm_head", "q_proj"]), **MODEL_QUICK),
     # Encoder-decoders: T5's head and embed_tokens are tied to `shared`; BART's head to model.shared.
     Case("t5-head-and-embed-tokens-lora", "t5", _lora(r=2, target_modules=["q", "v", "lm_head", "embed_tokens"]), **MODEL_QUICK),
     Case("bart-head-lora", "bart", _lora(r=2, target_modules=["q_proj", "lm_head"]), **MODEL_QUICK),
@@ -83,5 +127,6 @@ MODEL_CASES: list[Case] = [
     Case("bert-classifier", "bert_cls", _lora(r=2, target_modules=["query", "value"], modules_to_save=["classifier"]), **MODEL_QUICK),
     Case("modernbert-masked-lm", "modernbert", _lora(r=2, target_modules=["Wqkv", "Wo"]), **MODEL_QUICK),
 ]
+MODEL_CASES: list[Case] = [*VLM_CASES, *MOE_CASES, *HEAD_CASES]
 
 CASES = [*TYPE_CASES, *MODEL_CASES]

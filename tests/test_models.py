@@ -153,7 +153,7 @@ def test_added_rows_without_a_saved_original_hold_the_trained_rows(added_tokens,
 
 def test_tied_multimodal_config_unties_where_each_transformers_reads_it(bases, tmp_path):
     """Gemma 3 keeps the flag at the top and in text_config (transformers 4.x reads it there): both get false."""
-    base = bases("gemma3_vlm")
+    base = bases("gemma3")
     assert json.loads((base / "config.json").read_text())["text_config"]["tie_word_embeddings"] is True
     adapter = make_adapter(base, tmp_path / "a", LoraConfig(r=2, target_modules=["lm_head"]))
     merged = json.loads((weightsteer.merge(adapter, tmp_path / "m") / "config.json").read_text())
@@ -174,7 +174,7 @@ def test_t5_lora_on_shared_is_refused(bases, tmp_path):
         ("bert_cls", LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"])),
         ("modernbert", LoraConfig(r=2, target_modules=["Wqkv"])),
         ("t5", LoraConfig(r=2, target_modules=["q", "lm_head"])),
-        ("gemma3_vlm", LoraConfig(r=2, target_modules=["lm_head", "q_proj"])),
+        ("gemma3", LoraConfig(r=2, target_modules=["lm_head", "q_proj"])),
     ],
 )
 def test_verify_logits_loads_the_model_class_of_the_checkpoint(bases, tmp_path, arch, config):

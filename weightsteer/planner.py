@@ -7,8 +7,8 @@ reported before any output exists.
 
 from __future__ import annotations
 
-import difflib
 import functools
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -17,9 +17,10 @@ import torch
 
 from .adapters import Adapter
 from .adapters.base import AdapterFamily, ModuleState, Scheme, ShapeLookup
-from .anatomy import Anatomy, anatomy
+from .anatomy import Anatomy, anatomy_of
 from .checkpoint import DTYPE_CODES, DTYPES, FLOAT_CODES, Checkpoint, TensorInfo
 from .errors import AdapterError, BaseModelError
+from .names import CheckpointNames, StoredSlice, names_for
 
 TRAINED_INFIX, ORIGINAL_INFIX = ".modules_to_save.", ".original_module."  # a whole ModulesToSaveWrapper, as PEFT saves it for a resized vocabulary
 # transformers architectures whose projections are Conv1D (weight stored in×out), and those projections.
@@ -127,7 +128,7 @@ def plan_merge(
     _refuse_quantized(checkpoint)
     shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
     edits: dict[str, Edit] = {}
-    states = adapter.modules(ShapeLookup(shapes), options)
+    states = adapter.modules(ShapeLookup(shapes, names_for(checkpoint)), options)
     for state in states:
         _add_module_edits(edits, checkpoint, adapter.family, state)
     resized = _add_replacements(edits, checkpoint, adapter)
@@ -154,6 +155,8 @@ def plan_merge(
 
 
 def _add_module_edits(edits: dict[str, Edit], checkpoint: Checkpoint, family: AdapterFamily, state: ModuleState) -> None:
+    if state.layer == "parameter":
+        return _add_parameter_edits(edits, names_for(checkpoint), family, state)
     weight_name = _resolve(checkpoint, state.path + ".weight", what=f"adapter module {state.path}")
     weight_shape = _info(checkpoint, weight_name).shape
     if state.layer == "linear" and checkpoint.config.get("model_type") in CONV1D_MODELS:
@@ -223,27 +226,61 @@ def _adds_rows(base: tuple[int, ...], trained: tuple[int, ...]) -> bool:
     return len(base) == 2 == len(trained) and base[1] == trained[1] and trained[0] > base[0]
 
 
+def _add_parameter_edits(edits: dict[str, Edit], names: CheckpointNames, family: AdapterFamily, state: ModuleState) -> None:
+    """A parameter PEFT targets directly (an MoE expert stack): one edit per stored tensor it is made of."""
+    module, _, name = state.path.rpartition(".")
+    slices = names.slices(state.path)
+    _refuse_uncovered(names, state.path, names.parameter(module, name).shape, slices)
+    for stored in slices:
+        sliced = family.slice_state(state, stored)
+        family.check_shapes(sliced, names.shapes[stored.name], None)
+        if stored.name in edits:
+            raise AdapterError(f"Two adapter modules change {stored.name}; weightsteer merges one change per tensor.")
+        edits[stored.name] = Edit(family, sliced, "weight")
+
+
+def _refuse_uncovered(names: CheckpointNames, path: str, shape: tuple[int, ...], slices: list[StoredSlice]) -> None:
+    """Every expert (position along the first dim) of a targeted parameter must be stored whole; a merge that
+    left part of one as the base would not be what PEFT's forward computes."""
+    absent = names.missing_experts(path, shape[0])
+    if absent:
+        raise AdapterError(
+            f"Adapter changes {path} ({shape[0]} experts), but the base checkpoint {names.root} stores no tensors for "
+            f"expert{'s' if len(absent) > 1 else ''} {', '.join(absent)}; merging would leave "
+            f"{'them' if len(absent) > 1 else 'it'} unchanged. Merge into the complete base checkpoint."
+        )
+    per_position = math.prod(shape[1:])
+    covered = dict.fromkeys(range(shape[0]), 0)
+    for stored in slices:
+        size = math.prod(1 if isinstance(i, int) else len(i) for i in stored.index[1:])
+        for position in stored.experts():
+            covered[position] = covered.get(position, 0) + size
+    missing = [p for p, n in covered.items() if n != per_position]
+    if missing:
+        what = "experts" if len(shape) == 3 else "rows"
+        raise AdapterError(
+            f"Adapter changes {path} ({shape[0]} {what}), but the base checkpoint stores {what} "
+            f"{', '.join(map(str, missing))} of it incompletely or not at all (stored: {', '.join(s.name for s in slices[:4])}"
+            f"{', …' if len(slices) > 4 else ''}); merging would leave them unchanged. Merge into the complete base."
+        )
+
+
 def _info(checkpoint: Checkpoint, name: str) -> TensorInfo:
     """The stored tensor behind an output tensor name (a tied member the checkpoint does not store reads its source)."""
     return checkpoint.tensors[name] if name in checkpoint.tensors else checkpoint.tensors[tying(checkpoint).unstored[name]]
 
 
 def _resolve(checkpoint: Checkpoint, name: str, what: str) -> str:
-    """Find the checkpoint tensor for a model-path tensor name (checkpoints may drop a leading prefix)."""
-    if name in checkpoint.tensors:
+    """The stored tensor for a model-side tensor name: itself, transformers' renaming of a stored name onto it
+    (weightsteer.names), a tied parameter the checkpoint does not store (planned under its own name, see Tying),
+    or the one stored name sharing its suffix."""
+    names = names_for(checkpoint)
+    stored = names.mapped(name, what)
+    if stored is not None:
+        return stored
+    if name in tying(checkpoint).unstored:
         return name
-    layout = tying(checkpoint)
-    if name in layout.unstored or layout.disk(name) in checkpoint.tensors:
-        return name if name in layout.unstored else layout.disk(name)
-    candidates = [n for n in checkpoint.tensors if name.endswith("." + n) or n.endswith("." + name)]
-    if len(candidates) == 1:
-        return candidates[0]
-    close = difflib.get_close_matches(name, list(checkpoint.tensors), n=1)
-    hint = f" The closest base tensor is {close[0]!r}." if close else ""
-    raise AdapterError(
-        f"{what}: the base checkpoint {checkpoint.root} has no tensor {name!r}.{hint} "
-        "Is --base the model this adapter was trained on?"
-    )
+    return names.resolve(name, what)
 
 
 class Tying:
@@ -258,11 +295,15 @@ class Tying:
 
     @functools.cached_property
     def anatomy(self) -> Anatomy | None:
-        return anatomy(self.checkpoint.root, self.checkpoint.config, tuple(self.checkpoint.tensors))
+        model = names_for(self.checkpoint).model()
+        return anatomy_of(model) if model is not None else None
 
     def disk(self, name: str) -> str:
-        """The checkpoint's name for a model-name-space parameter."""
-        return self.anatomy.on_disk.get(name, name) if self.anatomy else name
+        """The checkpoint's name for a model-name-space parameter (weightsteer.names), or the name itself."""
+        try:
+            return names_for(self.checkpoint).mapped(name, name) or name
+        except AdapterError:  # fused or ambiguous: not one stored tensor
+            return name
 
     def key(self, name: str | None) -> str | None:
         """How a model parameter is named in a plan: its checkpoint name, or its own if the checkpoint does not store it."""
