@@ -1,8 +1,10 @@
 """Decide, from headers alone, which base tensors a merge changes and what the output looks like.
 
-The plan maps every output tensor to its source tensor in the base and, for changed tensors, to
-the `Edit` that computes it. Nothing here reads tensor data, so a bad adapter/base pairing is
-reported before any output exists.
+The plan maps every output tensor to its source tensor in the base and, for changed tensors, to the
+`Change` each adapter makes to it. One plan serves several outputs (a recipe), each a `Composition` of
+terms (adapter, coeff, scheme); `MergePlan.edit` turns a composition into the ordered `Step`s that compute
+one tensor. Nothing here reads tensor data, so a bad adapter/base pairing is reported before any output
+exists.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import functools
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -30,10 +32,10 @@ QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".g_idx", ".SCB", ".weight_format",
 
 
 @dataclass
-class Edit:
-    """How one output tensor is computed from its fp32 base tensor at coeff c."""
+class Change:
+    """One adapter's change to one output tensor, at any coeff: the fp32 tensor in, the changed tensor out."""
 
-    family: AdapterFamily | None
+    family: AdapterFamily
     state: ModuleState | None = None
     part: str = "weight"  # "weight", "bias" or "replace"
     trained: torch.Tensor | None = None  # the stored tensor, for part == "replace"
@@ -74,12 +76,86 @@ class Edit:
         return result.T if transposed else result
 
 
+COMPOSE_MODES = ("chain", "sum")
+
+
+@dataclass(frozen=True)
+class Term:
+    """One adapter of an output (its index in MergePlan.adapters) at its own coeff and scheme."""
+
+    adapter: int
+    coeff: float
+    scheme: Scheme
+
+    @property
+    def is_noop(self) -> bool:
+        """coeff 0 under a scheme that gives the base there: the term changes nothing."""
+        return self.coeff == 0 and self.scheme.base_at_zero
+
+
+@dataclass(frozen=True)
+class Composition:
+    """What one output bakes in: its terms in order, and how they combine.
+
+    chain: consecutive terms of one family whose adapters add up in PEFT (`composes_additively`) act as
+      one PEFT model with all of them active, W + Σ (fᵢ(W) − W), each against the same weight; anything
+      else applies to the result of what came before (IA3 scalings multiply; another family chains).
+    sum: W + Σ (fᵢ(W) − W), every term against the base, whatever its family.
+    Per tensor, only the terms that change it count ("consecutive" among those), and a term at coeff 0 under
+    a scheme that gives the base there is left out, so it changes nothing.
+    """
+
+    terms: tuple[Term, ...]
+    compose: str = "chain"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One term's change to one tensor, at the term's coeff."""
+
+    adapter: int  # index in MergePlan.adapters
+    change: Change
+    scheme: Scheme
+    coeff: float
+    joins: bool  # added to the previous step's input (W + f(W) − W) instead of applied to its result
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.change(weight, self.scheme, self.coeff)
+
+
+@dataclass(frozen=True)
+class Edit:
+    """How one output tensor is computed from its fp32 base tensor: steps applied in turn."""
+
+    steps: tuple[Step, ...]
+
+    def __call__(self, base: torch.Tensor) -> torch.Tensor:
+        result = start = base
+        for step in self.steps:
+            if step.joins:
+                result = result + (step(start) - start)
+            else:
+                start = result
+                result = step(start)
+        return result
+
+    def groups(self) -> list[tuple[Step, ...]]:
+        """The steps split where one applies to the result of the previous (each group starts from one weight)."""
+        groups: list[list[Step]] = []
+        for step in self.steps:
+            if step.joins:
+                groups[-1].append(step)
+            else:
+                groups.append([step])
+        return [tuple(group) for group in groups]
+
+
 @dataclass
 class OutputTensor:
     name: str
     source: TensorInfo
     dtype: str
-    edit: Edit | None = None
+    changes: dict[int, Change] = field(default_factory=dict)  # adapter index → its change to this tensor
     resized: tuple[int, ...] | None = None  # the output shape, where it differs from the base's (added tokens)
 
     @property
@@ -97,8 +173,7 @@ class OutputTensor:
 @dataclass
 class MergePlan:
     checkpoint: Checkpoint
-    adapter: Adapter
-    scheme: Scheme
+    adapters: list[Adapter]
     shards: dict[str, list[OutputTensor]]
     config_patch: dict[str, object] = field(default_factory=dict)  # "a.b" keys patch nested objects (text_config)
     # The module path of an output head that shares the edited input embedding's tensor (it changes with it).
@@ -106,55 +181,93 @@ class MergePlan:
 
     @property
     def edited(self) -> list[OutputTensor]:
-        return [t for tensors in self.shards.values() for t in tensors if t.edit is not None]
+        """Tensors some adapter changes (the union over all adapters)."""
+        return [t for tensors in self.shards.values() for t in tensors if t.changes]
 
     def at_base(self) -> "MergePlan":
-        """The plan of a coeff-0 output: the base's own layout and config (only a --dtype cast remains)."""
+        """The plan of an output whose every term is a no-op (coeff 0): the base's own layout and config (only a
+        --dtype cast remains), so no untied head, no grown vocabulary."""
         shards = {
             shard: [OutputTensor(t.name, t.source, t.dtype) for t in tensors if t.name == t.source.name]
             for shard, tensors in self.shards.items()
         }
         patch = {k: v for k, v in self.config_patch.items() if k in ("dtype", "torch_dtype")}
-        return MergePlan(self.checkpoint, self.adapter, self.scheme, shards, patch)
+        return MergePlan(self.checkpoint, self.adapters, shards, patch)
+
+    def edit(self, tensor: OutputTensor, composition: Composition) -> Edit | None:
+        """The steps that compute `tensor` for this composition; None where no term changes it."""
+        steps: list[Step] = []
+        for term in composition.terms:
+            change = tensor.changes.get(term.adapter)
+            if change is None or term.is_noop:
+                continue
+            previous = steps[-1].change.family if steps else None
+            joins = bool(steps) and (
+                composition.compose == "sum" or (previous is change.family and change.family.composes_additively)
+            )
+            steps.append(Step(term.adapter, change, term.scheme, term.coeff, joins))
+        return Edit(tuple(steps)) if steps else None
 
 
 def plan_merge(
     checkpoint: Checkpoint,
-    adapter: Adapter,
-    scheme: Scheme,
+    adapters: Adapter | Sequence[Adapter],
     dtype: torch.dtype | None = None,
     options: Mapping[str, object] | None = None,
 ) -> MergePlan:
+    """The output layout and, per tensor, every adapter's change to it (the union over all adapters)."""
     _refuse_quantized(checkpoint)
+    adapters = [adapters] if isinstance(adapters, Adapter) else list(adapters)
+    out_code = DTYPE_CODES[dtype] if dtype is not None else None
+    if out_code is not None and out_code not in FLOAT_CODES:
+        raise BaseModelError(f"--dtype must be a floating type (float32, float16, bfloat16), got {dtype}.")
+    plan = MergePlan(checkpoint, adapters, {})
+    changes: dict[str, dict[int, Change]] = {}
+    resized: dict[str, tuple[int, ...]] = {}
+    added: dict[str, dict[str, dict[int, Change | None]]] = {}  # stored tensor → {tied member written apart: changes}
+    for index, adapter in enumerate(adapters):
+        edits, grown = _adapter_changes(checkpoint, adapter, options)
+        resized.update(grown)
+        for stored, members in _tied_outputs(checkpoint, adapter, edits, plan).items():
+            for member, change in members:
+                added.setdefault(stored, {}).setdefault(member, {})[index] = change
+        for name, change in edits.items():
+            changes.setdefault(name, {})[index] = change
+    for stored, members in added.items():  # an adapter that keeps a member shared changes it as the stored tensor
+        for by_adapter in members.values():
+            for index, change in changes.get(stored, {}).items():
+                by_adapter.setdefault(index, change)
+    for shard, infos in checkpoint.shard_tensors.items():
+        tensors = plan.shards[shard] = []
+        for info in infos:
+            code = out_code if out_code and info.dtype in FLOAT_CODES else info.dtype
+            tensors.append(OutputTensor(info.name, info, code, changes.get(info.name, {}), resized.get(info.name)))
+            for member, by_adapter in added.get(info.name, {}).items():
+                kept = {i: c for i, c in by_adapter.items() if c is not None}
+                tensors.append(OutputTensor(member, info, code, kept, resized.get(member)))
+    if resized:
+        plan.config_patch.update(_config_keys(checkpoint.config, "vocab_size", _check_resized(plan, resized)))
+    if out_code is not None:
+        plan.config_patch["torch_dtype" if "torch_dtype" in checkpoint.config else "dtype"] = str(dtype).removeprefix("torch.")
+    return plan
+
+
+def _adapter_changes(
+    checkpoint: Checkpoint, adapter: Adapter, options: Mapping[str, object] | None
+) -> tuple[dict[str, Change], dict[str, tuple[int, ...]]]:
+    """Tensor name → the change one adapter makes to it; and {tensor: new shape} where it adds token rows."""
     shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
-    edits: dict[str, Edit] = {}
+    edits: dict[str, Change] = {}
     states = adapter.modules(ShapeLookup(shapes, names_for(checkpoint)), options)
     for state in states:
         _add_module_edits(edits, checkpoint, adapter.family, state)
     resized = _add_replacements(edits, checkpoint, adapter)
     if not edits:
         raise AdapterError(f"Adapter {adapter.path} targets no module of the base; nothing would change.")
-    out_code = DTYPE_CODES[dtype] if dtype is not None else None
-    if out_code is not None and out_code not in FLOAT_CODES:
-        raise BaseModelError(f"--dtype must be a floating type (float32, float16, bfloat16), got {dtype}.")
-    plan = MergePlan(checkpoint, adapter, scheme, {})
-    added = _tied_outputs(checkpoint, adapter, edits, plan)
-    for shard, infos in checkpoint.shard_tensors.items():
-        tensors = plan.shards[shard] = []
-        for info in infos:
-            code = out_code if out_code and info.dtype in FLOAT_CODES else info.dtype
-            tensors.append(OutputTensor(info.name, info, code, edits.get(info.name), resized.get(info.name)))
-            for name, edit in added.get(info.name, []):
-                tensors.append(OutputTensor(name, info, code, edit, resized.get(name)))
-    if resized:
-        vocab = _check_resized(plan, resized)
-        plan.config_patch.update(_config_keys(checkpoint.config, "vocab_size", vocab))
-    if out_code is not None:
-        plan.config_patch["torch_dtype" if "torch_dtype" in checkpoint.config else "dtype"] = str(dtype).removeprefix("torch.")
-    return plan
+    return edits, resized
 
 
-def _add_module_edits(edits: dict[str, Edit], checkpoint: Checkpoint, family: AdapterFamily, state: ModuleState) -> None:
+def _add_module_edits(edits: dict[str, Change], checkpoint: Checkpoint, family: AdapterFamily, state: ModuleState) -> None:
     if state.layer == "parameter":
         return _add_parameter_edits(edits, names_for(checkpoint), family, state)
     weight_name = _resolve(checkpoint, state.path + ".weight", what=f"adapter module {state.path}")
@@ -169,64 +282,12 @@ def _add_module_edits(edits: dict[str, Edit], checkpoint: Checkpoint, family: Ad
     family.check_shapes(state, weight_shape, bias_info.shape if bias_info else None)
     if weight_name in edits:
         raise AdapterError(f"Two adapter modules change {weight_name}; weightsteer merges one change per tensor.")
-    edits[weight_name] = Edit(family, state, "weight")
+    edits[weight_name] = Change(family, state, "weight")
     if bias_info is not None and family.changes_bias(state):
-        edits[bias_name] = Edit(family, state, "bias")
+        edits[bias_name] = Change(family, state, "bias")
 
 
-def _add_replacements(edits: dict[str, Edit], checkpoint: Checkpoint, adapter: Adapter) -> dict[str, tuple[int, ...]]:
-    """Edits for the tensors the adapter stores whole; returns {tensor: new shape} for those with added token rows.
-
-    For a resized vocabulary PEFT saves the whole wrapper: `<m>.modules_to_save.weight` (trained, also saved as
-    `<m>.weight`) and `<m>.original_module.weight` (the resized base, whose added rows start from their init).
-    """
-    replacements = adapter.replacements()
-    originals = {n.replace(ORIGINAL_INFIX, "."): t for n, t in replacements.items() if ORIGINAL_INFIX in n}
-    resized = {}
-    for name, trained in replacements.items():
-        if ORIGINAL_INFIX in name or (TRAINED_INFIX in name and name.replace(TRAINED_INFIX, ".") in replacements):
-            continue
-        name = name.replace(TRAINED_INFIX, ".")
-        target = _resolve(checkpoint, name, what=f"replaced tensor {name}")
-        base_info = _info(checkpoint, target)
-        if _adds_rows(base_info.shape, tuple(trained.shape)):
-            resized[target] = tuple(trained.shape)
-            original = originals.get(name)
-            start = original[base_info.shape[0] :] if original is not None and original.shape == trained.shape else None
-            edits[target] = Edit(None, part="replace", trained=trained, added_rows_base=start)
-        elif base_info.shape != tuple(trained.shape):
-            raise AdapterError(
-                f"Adapter stores a full copy of {name} with shape {tuple(trained.shape)} but the base tensor {target} "
-                f"has shape {base_info.shape}; only a vocabulary grown by added tokens can be merged. Is --base the "
-                "model this adapter was trained on?"
-            )
-        elif not torch.equal(trained, checkpoint.read(base_info.name).float()):
-            edits[target] = Edit(None, part="replace", trained=trained)
-    return resized
-
-
-def _check_resized(plan: MergePlan, resized: dict[str, tuple[int, ...]]) -> int:
-    """The new vocabulary size; refused unless every embedding and head of the output has it."""
-    layout = tying(plan.checkpoint)
-    vocab = max(shape[0] for shape in resized.values())
-    a = layout.anatomy
-    vocabulary = {layout.key(a.input_embedding), layout.key(a.output_embedding)} if a else set(resized)
-    stale = [t.name for tensors in plan.shards.values() for t in tensors if t.name in vocabulary and t.shape[0] != vocab]
-    if stale or any(shape[0] != vocab for shape in resized.values()):
-        raise AdapterError(
-            f"The adapter stores {', '.join(resized)} with a vocabulary of {vocab} tokens, but not "
-            f"{', '.join(stale) or 'every embedding'}, which keeps the base's {plan.checkpoint.tensors[next(iter(resized))].shape[0]}: "
-            "the rows of the added tokens are missing. Merge into the resized base model instead (--base)."
-        )
-    return vocab
-
-
-def _adds_rows(base: tuple[int, ...], trained: tuple[int, ...]) -> bool:
-    """Is `trained` the base embedding / head with rows added at the end (a resized vocabulary)?"""
-    return len(base) == 2 == len(trained) and base[1] == trained[1] and trained[0] > base[0]
-
-
-def _add_parameter_edits(edits: dict[str, Edit], names: CheckpointNames, family: AdapterFamily, state: ModuleState) -> None:
+def _add_parameter_edits(edits: dict[str, Change], names: CheckpointNames, family: AdapterFamily, state: ModuleState) -> None:
     """A parameter PEFT targets directly (an MoE expert stack): one edit per stored tensor it is made of."""
     module, _, name = state.path.rpartition(".")
     slices = names.slices(state.path)
@@ -236,7 +297,7 @@ def _add_parameter_edits(edits: dict[str, Edit], names: CheckpointNames, family:
         family.check_shapes(sliced, names.shapes[stored.name], None)
         if stored.name in edits:
             raise AdapterError(f"Two adapter modules change {stored.name}; weightsteer merges one change per tensor.")
-        edits[stored.name] = Edit(family, sliced, "weight")
+        edits[stored.name] = Change(family, sliced, "weight")
 
 
 def _refuse_uncovered(names: CheckpointNames, path: str, shape: tuple[int, ...], slices: list[StoredSlice]) -> None:
@@ -263,6 +324,58 @@ def _refuse_uncovered(names: CheckpointNames, path: str, shape: tuple[int, ...],
             f"{', '.join(map(str, missing))} of it incompletely or not at all (stored: {', '.join(s.name for s in slices[:4])}"
             f"{', …' if len(slices) > 4 else ''}); merging would leave them unchanged. Merge into the complete base."
         )
+
+
+def _add_replacements(edits: dict[str, Change], checkpoint: Checkpoint, adapter: Adapter) -> dict[str, tuple[int, ...]]:
+    """Edits for the tensors the adapter stores whole; returns {tensor: new shape} for those with added token rows.
+
+    For a resized vocabulary PEFT saves the whole wrapper: `<m>.modules_to_save.weight` (trained, also saved as
+    `<m>.weight`) and `<m>.original_module.weight` (the resized base, whose added rows start from their init).
+    """
+    replacements = adapter.replacements()
+    originals = {n.replace(ORIGINAL_INFIX, "."): t for n, t in replacements.items() if ORIGINAL_INFIX in n}
+    resized = {}
+    for name, trained in replacements.items():
+        if ORIGINAL_INFIX in name or (TRAINED_INFIX in name and name.replace(TRAINED_INFIX, ".") in replacements):
+            continue
+        name = name.replace(TRAINED_INFIX, ".")
+        target = _resolve(checkpoint, name, what=f"replaced tensor {name}")
+        base_info = _info(checkpoint, target)
+        if _adds_rows(base_info.shape, tuple(trained.shape)):
+            resized[target] = tuple(trained.shape)
+            original = originals.get(name)
+            start = original[base_info.shape[0] :] if original is not None and original.shape == trained.shape else None
+            edits[target] = Change(adapter.family, part="replace", trained=trained, added_rows_base=start)
+        elif base_info.shape != tuple(trained.shape):
+            raise AdapterError(
+                f"Adapter stores a full copy of {name} with shape {tuple(trained.shape)} but the base tensor {target} "
+                f"has shape {base_info.shape}; only a vocabulary grown by added tokens can be merged. Is --base the "
+                "model this adapter was trained on?"
+            )
+        elif not torch.equal(trained, checkpoint.read(base_info.name).float()):
+            edits[target] = Change(adapter.family, part="replace", trained=trained)
+    return resized
+
+
+def _check_resized(plan: MergePlan, resized: dict[str, tuple[int, ...]]) -> int:
+    """The new vocabulary size; refused unless every embedding and head of the output has it."""
+    layout = tying(plan.checkpoint)
+    vocab = max(shape[0] for shape in resized.values())
+    a = layout.anatomy
+    vocabulary = {layout.key(a.input_embedding), layout.key(a.output_embedding)} if a else set(resized)
+    stale = [t.name for tensors in plan.shards.values() for t in tensors if t.name in vocabulary and t.shape[0] != vocab]
+    if stale or any(shape[0] != vocab for shape in resized.values()):
+        raise AdapterError(
+            f"The adapter stores {', '.join(resized)} with a vocabulary of {vocab} tokens, but not "
+            f"{', '.join(stale) or 'every embedding'}, which keeps the base's {plan.checkpoint.tensors[next(iter(resized))].shape[0]}: "
+            "the rows of the added tokens are missing. Merge into the resized base model instead (--base)."
+        )
+    return vocab
+
+
+def _adds_rows(base: tuple[int, ...], trained: tuple[int, ...]) -> bool:
+    """Is `trained` the base embedding / head with rows added at the end (a resized vocabulary)?"""
+    return len(base) == 2 == len(trained) and base[1] == trained[1] and trained[0] > base[0]
 
 
 def _info(checkpoint: Checkpoint, name: str) -> TensorInfo:
@@ -357,7 +470,7 @@ def tying(checkpoint: Checkpoint) -> Tying:
     return _TYINGS[checkpoint]
 
 
-def _tied_outputs(checkpoint: Checkpoint, adapter: Adapter, edits: dict[str, Edit], plan: MergePlan) -> dict[str, list[tuple[str, Edit | None]]]:
+def _tied_outputs(checkpoint: Checkpoint, adapter: Adapter, edits: dict[str, Change], plan: MergePlan) -> dict[str, list[tuple[str, Change | None]]]:
     """Tied tensors that PEFT's forward changes differently get tensors of their own; the rest stay shared.
 
     PEFT changes only the modules it wraps: a LoRA on the tied embedding leaves the head as the base, so the
@@ -371,7 +484,7 @@ def _tied_outputs(checkpoint: Checkpoint, adapter: Adapter, edits: dict[str, Edi
         return {}
     a = layout.anatomy
     embedding, head = layout.key(a.input_embedding), layout.key(a.output_embedding)
-    added: dict[str, list[tuple[str, Edit | None]]] = {}
+    added: dict[str, list[tuple[str, Change | None]]] = {}
     for stored in dict.fromkeys(layout.unstored.get(name, name) for name in touched):
         members = [stored, *(name for name, source in layout.unstored.items() if source == stored)]
         if len(members) == 1:
@@ -397,7 +510,7 @@ def _tied_outputs(checkpoint: Checkpoint, adapter: Adapter, edits: dict[str, Edi
     return added
 
 
-def _stored_twice_and_diverging(layout: Tying, edits: dict[str, Edit]) -> bool:
+def _stored_twice_and_diverging(layout: Tying, edits: dict[str, Change]) -> bool:
     """A checkpoint that stores both sides of a tie (equal, so transformers ties them) whose sides now differ:
     the flag must say untied, or runtimes that tie by the config alone read one side for both."""
     stored = layout.checkpoint.tensors
@@ -410,18 +523,18 @@ def _stored_twice_and_diverging(layout: Tying, edits: dict[str, Edit]) -> bool:
     return False
 
 
-def _same_replacement(a: Edit | None, b: Edit | None) -> bool:
+def _same_replacement(a: Change | None, b: Change | None) -> bool:
     """Two whole copies of one tied tensor with equal values (PEFT saves a tied module_to_save under both names)."""
     return a is not None and b is not None and a.part == b.part == "replace" and torch.equal(a.trained, b.trained)
 
 
-def _head_reads_embedding(adapter: Adapter, head_edit: Edit | None) -> bool:
+def _head_reads_embedding(adapter: Adapter, head_edit: Change | None) -> bool:
     """Does PEFT tie the head's adapter to the embedding's? Then the head's own saved tensors (if any) are a copy."""
     follows = adapter.family.tied_head_follows(adapter.config)
     return follows and (head_edit is None or bool(adapter.config.get("ensure_weight_tying")))
 
 
-def _refuse_unused_source(a: Anatomy, layout: Tying, members: list[str], edits: dict[str, Edit]) -> None:
+def _refuse_unused_source(a: Anatomy, layout: Tying, members: list[str], edits: dict[str, Change]) -> None:
     """T5 / BART keep `shared` as the source of the encoder's, decoder's (and head's) tied embeddings, but their
     forward looks tokens up through encoder/decoder.embed_tokens: PEFT's forward never calls a wrapped `shared`."""
     for source in set(a.tied.values()):
