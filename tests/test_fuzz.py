@@ -34,9 +34,10 @@ def world(bases, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     base = root / "base"
     shutil.copytree(bases("llama"), base)
-    names = list(load_file(base / "model.safetensors"))
+    shard = (base / "model.safetensors").rename(base / "model-00001-of-00001.safetensors")  # read through the index
+    names = list(load_file(shard))
     (base / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": 0}, "weight_map": {n: "model.safetensors" for n in names}})
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": {n: shard.name for n in names}})
     )
     adapter = make_adapter(base, root / "adapter", LoraConfig(r=4, target_modules=["q_proj"]))
     return root, base, adapter
@@ -111,7 +112,7 @@ def test_fuzz_shard_index(world):
 
 
 def test_fuzz_safetensors_header(world):
-    path = world[1] / "model.safetensors"
+    path = world[1] / "model-00001-of-00001.safetensors"
     data = path.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + length])

@@ -389,8 +389,9 @@ def _retensor(adapter, change) -> None:
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_inputs_get_one_line_and_nothing_is_written(inputs, tmp_path, case):
     base, adapter = inputs
-    if "index" in case:
-        index = {"metadata": {}, "weight_map": {n: "model.safetensors" for n in load_file(_shard(base))}}
+    if "index" in case:  # a sharded base: transformers (and weightsteer) read the index only without model.safetensors
+        shard = _shard(base).rename(base / "model-00001-of-00001.safetensors")
+        index = {"metadata": {}, "weight_map": {n: shard.name for n in load_file(shard)}}
         (base / "model.safetensors.index.json").write_text(json.dumps(index))
     damage, expected = BAD_INPUTS[case]
     damage(base, adapter)

@@ -326,6 +326,8 @@ def _print_published(item: Published, outtype: str) -> None:
         f"wrote {r.path}  ({what}, {len(r.changed_tensors)} tensors changed; "
         f"{r.rounding.swallowed_share:.1%} of changed elements lost to rounding)"
     )
+    if r.dropped_files:
+        click.echo(f"  not copied from the base (weights the merge did not rewrite): {', '.join(r.dropped_files)}")
     provenance = json.loads((r.path / PROVENANCE_NAME).read_text())
     if not provenance.get("base_model_id"):
         click.echo(

@@ -274,6 +274,8 @@ def _merged(tensor: OutputTensor, edit: Edit, base: torch.Tensor, base_rounded: 
             f"Merging {tensor.name} at coeff {coeffs} gives NaN or inf even in float32; check the adapters and coeffs."
         )
     rounded = target.to(base_rounded.dtype)
+    if target.shape != base.shape:  # added token rows have no base value: the report leaves them out
+        base, base_rounded = (torch.cat([t, r[t.shape[0] :]]) for t, r in ((base, target), (base_rounded, rounded)))
     if rounded.is_floating_point() and torch.finfo(rounded.dtype).max < torch.finfo(torch.float32).max:
         overflowed = int(torch.isinf(rounded).sum())  # target is finite: every inf is an overflow
         if overflowed:

@@ -67,6 +67,7 @@ class MergeResult:
     seconds: dict[str, float] = field(default_factory=dict)  # read / compute / write, shared by one run
     terms: list[TermResult] = field(default_factory=list)
     compose: str = "chain"
+    dropped_files: list[str] = field(default_factory=list)  # base files holding weights the merge did not rewrite
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -176,11 +177,17 @@ def merge_targets(
             terms = tuple(opened.term(s) for s in target.steers)
             compositions.append(Composition(terms, target.compose))
             results.append(_result(target, path, terms, opened, slot.notes))
+        # An output whose every term is a no-op (coeff 0) is the base in its own layout: no untied head, no grown vocabulary.
+        base_plan = plan.at_base()
         with disk_errors(slots[0].output.parent):
             stagings = [slot.stage() for slot in slots]
-            stream(plan, compositions, results, stagings, compute_device, progress)
-            for result, composition, staging in zip(results, compositions, stagings):
-                finish_output(plan, opened, composition, result, staging, results, base_id=base_id)
+            for layout in (plan, base_plan):
+                group = [i for i, c in enumerate(compositions) if all(t.is_noop for t in c.terms) == (layout is base_plan)]
+                if group:
+                    picked = [compositions[i] for i in group], [results[i] for i in group], [stagings[i] for i in group]
+                    stream(layout, *picked, compute_device, progress)
+                    for i in group:
+                        finish_output(layout, opened, compositions[i], results[i], stagings[i], results, base_id=base_id)
             for slot in slots:
                 slot.publish()
     return results
@@ -223,7 +230,7 @@ def output_bytes(plan: MergePlan) -> int:
     """The size of one output folder, an upper bound: its tensors, the base's other files (whose links are
     checked here, before any work), headers, index, card and weightsteer.json."""
     tensors = sum(t.nbytes for shard in plan.shards.values() for t in shard) + sum(8 + 64 * len(shard) for shard in plan.shards.values())
-    support = sum(real.stat().st_size for _, real in support_files(plan.checkpoint))
+    support = sum(real.stat().st_size for _, real in support_files(plan.checkpoint)[0])
     return tensors + support + 1_000_000
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Sequence
 from . import __version__
 from .card import base_license, write_card
 from .errors import AdapterError, OutputError
-from .outputs import LOCAL_PATHS_NAME, PROVENANCE_NAME, copy_support_files, write_index
+from .outputs import LOCAL_PATHS_NAME, PROVENANCE_NAME, copy_support_files, copy_tokenizer_files, write_index
 from .planner import Composition, MergePlan, Term
 from .resolve import published_reference
 
@@ -44,7 +44,10 @@ def finish_output(
         weight_map = {t.name: shard for shard, tensors in plan.shards.items() for t in tensors}
         total = sum(t.nbytes for tensors in plan.shards.values() for t in tensors)
         write_index(staging, weight_map, total, plan.checkpoint.index.get("metadata", {}))
-    copy_support_files(plan.checkpoint, staging, plan.config_patch)
+    _, result.dropped_files = copy_support_files(plan.checkpoint, staging, plan.config_patch)
+    # A grown vocabulary (added tokens) needs the tokenizer that knows them: the adapters', where they ship one.
+    resized = any(key.endswith("vocab_size") for key in plan.config_patch)
+    tokenizer_from_adapter = [n for t in composition.terms for n in copy_tokenizer_files(plan.adapters[t.adapter].path, staging)] if resized else []
     published = _published_adapters(plan, opened)
     terms = [_term_record(plan, published[term.adapter], term) for term in composition.terms]
     single = terms[0] if len(terms) == 1 else None
@@ -66,6 +69,7 @@ def finish_output(
         "compose": composition.compose,
         "options": dict(opened.options),
         "config_patch": plan.config_patch,
+        "tokenizer_from_adapter": tokenizer_from_adapter,
         "result": result.to_dict() | {"path": None, "terms": _published_terms(result, names), "warnings": _published_text(result.warnings, names)},
         "siblings": [{"coeff": r.coeff, "name": r.path.name, "terms": _published_terms(r, names)} for r in results if r is not result],
     }
