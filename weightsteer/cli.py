@@ -348,6 +348,36 @@ def export_lora_command(adapter, output, coeff, base, scheme, rank, energy, task
             click.echo(f"wrote {converted.path}  (GGUF LoRA, {outtype})")
 
 
+@main.command("export-vector")
+@click.argument("vector")
+@click.option("-o", "--output", required=True, help="GGUF file to write (a llama.cpp control vector).")
+@click.option("-c", "--coeff", type=float, default=1.0, show_default=True, help="Strength folded into the directions.")
+@click.option("--base", help="Base model folder or Hub repo id: check the vector's width and block indices against it.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+@click.option("-q", "--quiet", is_flag=True, help="No summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
+@_fail_cleanly
+def export_vector_command(vector, output, coeff, base, overwrite, quiet, as_json) -> None:
+    """Write the steering VECTOR at COEFF as a llama.cpp control-vector GGUF (direction.N = COEFF·v after block N).
+
+    VECTOR is a control-vector GGUF or a steering-lite .safetensors vector. For architectures where a vector cannot
+    be baked into the weights (Gemma 2/3, Qwen2/3, Mistral, MoE, ...), this is how to run it in llama.cpp.
+
+    \b
+    Examples:
+      weightsteer export-vector honesty.safetensors -o honesty.gguf --coeff 4 --base ./Qwen2.5-0.5B
+      llama-cli -m base.gguf --control-vector honesty.gguf -p "..."
+      llama-cli -m base.gguf --control-vector-scaled honesty.gguf -0.5 -p "..."
+    """
+    from .formats.control_vector import export_vector
+
+    result = export_vector(vector, output, coeff=coeff, base=base, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif not quiet:
+        click.echo(result.summary())
+
+
 @main.command("inspect")
 @click.argument("adapter")
 @click.option("--base", help="Base model folder or Hub repo id: adds ‖ΔW‖/‖W‖ per changed tensor at coeff 1.")

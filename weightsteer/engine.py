@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import DTYPES, ShardWriter
 from .errors import AdapterError
-from .planner import MergePlan, OutputTensor
+from .planner import MergePlan, NewTensor, OutputTensor
 
 
 class StreamTarget(Protocol):
@@ -119,12 +119,14 @@ def stream(plan: MergePlan, results: Sequence[StreamTarget], stagings: Sequence[
     moved: dict[int, torch.Tensor] = {}
     for tensor in plan.edited:
         tensor.edit.to(device, moved)
+    for added in plan.added:
+        added.compute.to(device, moved)
     computed = [t for tensors in plan.shards.values() for t in tensors if _needs_read(plan, t, results)]
     clock = _PhaseClock()
     # On a GPU, one page-locked buffer for reads and one for writes make host↔device copies fast.
     largest = max((max(t.source.nbytes, t.nbytes) for t in computed), default=0)
     pinned = [torch.empty(largest, dtype=torch.uint8, pin_memory=True) for _ in range(2)] if device.type == "cuda" else [None, None]
-    total = sum(t.source.nbytes for tensors in plan.shards.values() for t in tensors)
+    total = sum(_read_bytes(t) for tensors in plan.shards.values() for t in tensors)
     opened: list[ShardWriter] = []
     with (
         ThreadPoolExecutor(1, "weightsteer-read") as reader,
@@ -140,12 +142,15 @@ def stream(plan: MergePlan, results: Sequence[StreamTarget], stagings: Sequence[
                 shard_writers = [ShardWriter(staging / shard, layout, metadata) for staging in stagings]
                 opened += shard_writers
                 for tensor in tensors:
-                    if _needs_read(plan, tensor, results):
+                    if isinstance(tensor, NewTensor):
+                        outputs = _new_outputs(plan, tensor, results, device, clock)
+                        writes.submit(_write_all, shard_writers, tensor.name, outputs, clock, pinned[1])
+                    elif _needs_read(plan, tensor, results):
                         outputs = _outputs(plan, tensor, reads.next(), results, clock)
                         writes.submit(_write_all, shard_writers, tensor.name, outputs, clock, pinned[1])
                     else:
                         writes.submit(_copy_all, shard_writers, tensor, clock)
-                    bar.update(tensor.source.nbytes)
+                    bar.update(_read_bytes(tensor))
                 writes.submit(_close_all, shard_writers)
             writes.drain()
         except BaseException:
@@ -199,7 +204,30 @@ class _OrderedWrites:
             self._pending.popleft().result()
 
 
+def _read_bytes(tensor: OutputTensor | NewTensor) -> int:
+    return 0 if isinstance(tensor, NewTensor) else tensor.source.nbytes
+
+
+def _new_outputs(
+    plan: MergePlan, tensor: NewTensor, results: Sequence[StreamTarget], device: torch.device, clock: _PhaseClock
+) -> list[torch.Tensor]:
+    """A tensor the base lacks: zeros at a base coeff, else its value, in the output dtype."""
+    dtype = DTYPES[tensor.dtype]
+    outputs = []
+    with clock("compute"):
+        for result in results:
+            value = torch.zeros(tensor.shape, device=device) if is_base(plan, result.coeff) else tensor.value(plan.scheme, result.coeff, device)
+            if not math.isfinite(float(value.sum())):
+                raise AdapterError(f"Merging {tensor.name} at coeff {result.coeff} gives NaN or inf; check the adapter and coeff.")
+            if bool(value.any()):
+                result.changed_tensors.append(tensor.name)
+            outputs.append(value.to(dtype))
+    return outputs
+
+
 def _needs_read(plan: MergePlan, tensor: OutputTensor, results: Sequence[StreamTarget]) -> bool:
+    if isinstance(tensor, NewTensor):
+        return False
     edited = tensor.edit is not None and any(not is_base(plan, r.coeff) for r in results)
     return edited or tensor.dtype != tensor.source.dtype
 

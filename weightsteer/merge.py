@@ -10,10 +10,10 @@ from typing import Mapping
 
 import torch
 
-from .adapters import load_adapter
 from .checkpoint import DTYPES, Checkpoint
 from .engine import RoundingReport, stream
 from .errors import BaseModelError, SchemeError
+from .formats import Artefact, load_artefact, reference
 from .outputs import check_output, publish, remove_quietly, staging_dir
 from .planner import MergePlan, plan_merge
 from .provenance import finish_output
@@ -43,7 +43,7 @@ class MergeResult:
 
 
 def merge(
-    adapter: PathLike,
+    adapter: PathLike | object,
     output: PathLike,
     *,
     coeff: float = 1.0,
@@ -57,8 +57,10 @@ def merge(
 ) -> Path:
     """Merge `adapter` into its base at strength `coeff` and write a standalone checkpoint to `output`.
 
-    `base` defaults to the adapter config's base_model_name_or_path; both may be local folders or Hub
-    repo ids. `scheme` picks how coeff is read (default "linear"; see `weightsteer schemes`).
+    `adapter` is a PEFT adapter folder or Hub repo id, a steering artefact's file or folder (cwsteer,
+    AntiPaSTO, weight-steering w.pt, a control-vector GGUF, a steering-lite vector), or a Python vector object
+    (repeng ControlVector, steering-vectors SteeringVector, steering-lite Vector). `base` defaults to the
+    adapter config's base_model_name_or_path; both may be local folders or Hub repo ids. `scheme` picks how coeff is read (default "linear"; see `weightsteer schemes`).
     `task_id` selects the task of a Poly adapter. Returns the output folder.
     """
     results = merge_many(
@@ -76,7 +78,7 @@ def merge(
 
 
 def merge_many(
-    adapter: PathLike,
+    adapter: PathLike | object,
     outputs: Mapping[float, PathLike],
     *,
     base: PathLike | None = None,
@@ -103,7 +105,7 @@ def merge_many(
     try:
         stream(plan, results, stagings, torch.device(device or "cpu"), progress)
         for result, staging in zip(results, stagings):
-            finish_output(plan, loaded, str(adapter), base_ref, options, result, staging, results)
+            finish_output(plan, loaded, reference(adapter, loaded), base_ref, options, result, staging, results)
         for result, staging in zip(results, stagings):
             publish(staging, result.path)
     finally:
@@ -113,18 +115,19 @@ def merge_many(
 
 
 def open_plan(
-    adapter: PathLike,
+    adapter: PathLike | object,
     *,
     base: PathLike | None = None,
     scheme: str | None = None,
     task_id: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[MergePlan, str, dict[str, object]]:
-    """Load the adapter, read the base's headers and plan the change: (plan, base reference, options)."""
-    loaded = load_adapter(resolve(str(adapter), "adapter"))
+    """Load the adapter (or steering artefact), read the base's headers and plan the change: (plan, base reference, options)."""
+    loaded = load_artefact(adapter)
     base_ref = str(base if base is not None else loaded.base_model or "")
     if not base_ref:
-        raise BaseModelError(f"{loaded.path}/adapter_config.json names no base_model_name_or_path; pass --base.")
+        source = f"the {loaded.peft_type} artefact {loaded.path}" if isinstance(loaded, Artefact) else f"{loaded.path}/adapter_config.json"
+        raise BaseModelError(f"{source} names no base model; pass --base (base=...).")
     if task_id is not None and "task_id" not in loaded.family.options:
         raise SchemeError(f"--task-id applies to Poly adapters only; {loaded.path} is a {loaded.peft_type} adapter.")
     options: dict[str, object] = {"task_id": task_id} if task_id is not None else {}

@@ -8,6 +8,7 @@ reported before any output exists.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -80,6 +81,25 @@ class OutputTensor:
 
 
 @dataclass
+class NewTensor:
+    """An output tensor the base does not store (e.g. the bias a steering vector becomes), written right after
+    the base tensor `after`. Its value at coeff c is `compute` applied to zeros, so c = 0 writes zeros."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    after: str
+    compute: Edit
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+    def value(self, scheme: Scheme, c: float, device: torch.device | str = "cpu") -> torch.Tensor:
+        return self.compute(torch.zeros(self.shape, device=device), scheme, c)
+
+
+@dataclass
 class MergePlan:
     checkpoint: Checkpoint
     adapter: Adapter
@@ -89,7 +109,11 @@ class MergePlan:
 
     @property
     def edited(self) -> list[OutputTensor]:
-        return [t for tensors in self.shards.values() for t in tensors if t.edit is not None]
+        return [t for tensors in self.shards.values() for t in tensors if isinstance(t, OutputTensor) and t.edit is not None]
+
+    @property
+    def added(self) -> list[NewTensor]:
+        return [t for tensors in self.shards.values() for t in tensors if isinstance(t, NewTensor)]
 
 
 def plan_merge(
@@ -102,9 +126,10 @@ def plan_merge(
     _refuse_quantized(checkpoint)
     shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
     edits: dict[str, Edit] = {}
-    states = adapter.modules(ShapeLookup(shapes), options)
+    states = adapter.modules(ShapeLookup(shapes, checkpoint.config), options)
     for state in states:
         _add_module_edits(edits, checkpoint, adapter.family, state)
+    added = _new_biases(checkpoint, adapter.family, states, DTYPE_CODES.get(dtype))
     for name, trained in adapter.replacements().items():
         target = _resolve(checkpoint, name, what=f"replaced tensor {name}")
         base_info = _info(checkpoint, target)
@@ -116,7 +141,7 @@ def plan_merge(
             )
         if not torch.equal(trained, checkpoint.read(base_info.name).float()):
             edits[target] = Edit(None, part="replace", trained=trained)
-    if not edits:
+    if not edits and not added:
         raise AdapterError(f"Adapter {adapter.path} targets no module of the base; nothing would change.")
     out_code = DTYPE_CODES[dtype] if dtype is not None else None
     if out_code is not None and out_code not in FLOAT_CODES:
@@ -130,6 +155,8 @@ def plan_merge(
             tensors.append(OutputTensor(info.name, info, code, edits.get(info.name)))
             if head_source is not None and info.name == head_source[0]:
                 tensors.append(OutputTensor(HEAD, info, code, head_source[1]))
+            tensors.extend(added.get(info.name, []))
+    plan.config_patch.update(adapter.config_patch(checkpoint.config))
     if out_code is not None:
         plan.config_patch["torch_dtype" if "torch_dtype" in checkpoint.config else "dtype"] = str(dtype).removeprefix("torch.")
     return plan
@@ -148,9 +175,31 @@ def _add_module_edits(edits: dict[str, Edit], checkpoint: Checkpoint, family: Ad
     family.check_shapes(state, weight_shape, bias_info.shape if bias_info else None)
     if weight_name in edits:
         raise AdapterError(f"Two adapter modules change {weight_name}; weightsteer merges one change per tensor.")
-    edits[weight_name] = Edit(family, state, "weight")
+    if family.changes_weight(state):
+        edits[weight_name] = Edit(family, state, "weight")
     if bias_info is not None and family.changes_bias(state):
         edits[bias_name] = Edit(family, state, "bias")
+
+
+def _new_biases(
+    checkpoint: Checkpoint, family: AdapterFamily, states: list[ModuleState], out_code: str | None
+) -> dict[str, list[NewTensor]]:
+    """Biases a change adds to modules the base stores without one, keyed by the weight they follow.
+
+    The adapter's config_patch makes the architecture declare them (e.g. Llama's mlp_bias)."""
+    added: dict[str, list[NewTensor]] = {}
+    for state in states:
+        if not family.changes_bias(state):
+            continue
+        weight_name = _resolve(checkpoint, state.path + ".weight", what=f"adapter module {state.path}")
+        bias_name = weight_name.removesuffix("weight") + "bias"
+        if bias_name in checkpoint.tensors:
+            continue
+        weight = _info(checkpoint, weight_name)
+        rows = weight.shape[-1] if state.fan_in_fan_out else weight.shape[0]
+        code = out_code if out_code and weight.dtype in FLOAT_CODES else weight.dtype
+        added.setdefault(weight_name, []).append(NewTensor(bias_name, (rows,), code, weight_name, Edit(family, state, "bias")))
+    return added
 
 
 def _tied_embedding(checkpoint: Checkpoint) -> str | None:

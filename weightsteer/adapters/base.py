@@ -127,6 +127,10 @@ class AdapterFamily:
     def changes_bias(self, state: ModuleState) -> bool:
         return False
 
+    def changes_weight(self, state: ModuleState) -> bool:
+        """False for a change that only adds a bias (a steering vector): the weight is then copied, not recomputed."""
+        return True
+
     def check_shapes(self, state: ModuleState, weight_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None) -> None:
         """Raise AdapterError if the module's tensors cannot apply to a base weight of this shape."""
 
@@ -182,8 +186,9 @@ class AdapterFamily:
 class ShapeLookup:
     """Shapes of base tensors, by module path, for families that size things from the base."""
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]]):
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, object] | None = None):
         self.shapes = shapes
+        self.config = config or {}  # the base's config.json, for formats that depend on the architecture
 
     def weight(self, path: str) -> tuple[int, ...] | None:
         """The base weight's stored shape; checkpoints may drop or add a leading prefix, as the planner allows."""
