@@ -19,6 +19,7 @@ from .base import Artefact, Format
 BUILTIN_FORMATS = {
     "cwsteer": "weightsteer.formats.cwsteer:CWSteer",
     "weight-steering": "weightsteer.formats.weight_steering:WeightSteering",
+    "antipasto": "weightsteer.formats.antipasto:AntiPaSTO",
     "control-vector-gguf": "weightsteer.formats.control_vector:ControlVectorGGUF",
     "steering-lite": "weightsteer.formats.steering_lite:SteeringLite",
     "repeng": "weightsteer.formats.repeng:Repeng",
