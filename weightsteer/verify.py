@@ -193,6 +193,7 @@ def verify(
         raise VerificationError(
             f"{merged} has no {PROVENANCE_NAME} naming its adapter and coeff; pass them (--adapter, --coeff)."
         )
+    _refuse_formats(adapter_ref, recorded)
     loaded = load_adapter(resolve(adapter_ref, "adapter", _pinned(recorded, adapter_ref, "adapter", "adapter_revision")))
     base_ref = str(base) if base is not None else recorded.get("base_model") or loaded.base_model
     if not base_ref:
@@ -212,6 +213,20 @@ def verify(
         with _loading_bars(progress):
             report.logits = _compare_logits(base_checkpoint.root, loaded.path, merged, report, options, prompts, logits_atol, dtype)
     return report
+
+
+def _refuse_formats(adapter_ref: str, recorded: dict) -> None:
+    """verify runs PEFT's forward; a non-PEFT steering format has no PEFT model to run."""
+    from .formats import FORMATS, detect_format
+
+    path = Path(adapter_ref).expanduser()
+    fmt = detect_format(path) if path.exists() else None
+    name = fmt.name if fmt is not None else recorded.get("adapter_type") if recorded.get("adapter_type") in FORMATS else None
+    if name is not None:
+        raise VerificationError(
+            f"{adapter_ref} is a {name} artefact, not a PEFT adapter: verify compares against PEFT's forward, which it "
+            f"does not have. Compare with the format's own runtime instead ({FORMATS.get(name).runtime})."
+        )
 
 
 def _recorded(merged: Path) -> dict:
