@@ -567,3 +567,19 @@ def test_antipasto_refuses_biased_targets(bases, tmp_path):
     antipasto_folder(tmp_path / "adapter", base)
     with pytest.raises(UnsupportedAdapterError, match="drops at every coeff"):
         weightsteer.merge(tmp_path / "adapter", tmp_path / "out")
+
+
+def test_repeng_control_model_as_set(vector_libs, bases, tmp_path):
+    """A ControlModel merges as currently set (its controls hold their coeff); normalize=True is refused."""
+    repeng, _ = vector_libs
+    base = bases("llama")
+    vector = repeng.ControlVector(model_type="llama", directions=_directions(11))
+    model = repeng.ControlModel(load_base(base).eval(), [0, 1])
+    model.set_control(vector, coeff=-0.7)
+    expected = logits_of(model)
+    weightsteer.merge(model, tmp_path / "out", base=base)
+    assert (model_logits(tmp_path / "out") - expected).abs().max() <= ATOL
+    model.set_control(vector, coeff=1.0, normalize=True)
+    with pytest.raises(UnsupportedAdapterError, match="normalize=True"):
+        weightsteer.merge(model, tmp_path / "out2", base=base)
+    assert not (tmp_path / "out2").exists()
