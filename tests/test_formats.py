@@ -27,6 +27,7 @@ import weightsteer
 from conftest import TOKENS, load_base, model_logits
 from weightsteer.cli import main
 from weightsteer.errors import AdapterError, ExportError, UnsupportedAdapterError
+from weightsteer.formats.control_vector import export_vector
 from weightsteer.registry import Registry
 
 COEFFS = (-1, -0.5, 0.5, 1, 2)
@@ -207,8 +208,10 @@ def test_export_vector_refuses_block_zero(vector_libs, tmp_path):
     repeng, _ = vector_libs
     vector = repeng.ControlVector(model_type="llama", directions=_directions(4, (0, 1)))
     with pytest.raises(ExportError, match="direction.0"):
-        weightsteer.formats.control_vector.export_vector(vector, tmp_path / "v.gguf")
+        export_vector(vector, tmp_path / "v.gguf")
     assert not (tmp_path / "v.gguf").exists()
+    vector.export_gguf(str(tmp_path / "repeng.gguf"))  # repeng writes direction.0; inspect warns, merge bakes it
+    assert "llama.cpp reject" in json.loads(CliRunner().invoke(main, ["inspect", str(tmp_path / "repeng.gguf"), "--json"]).output)["reason"]
 
 
 def _steering_lite_file(path: Path, state: dict[str, torch.Tensor], **cfg) -> Path:
@@ -417,26 +420,48 @@ def test_cwsteer_history_run(bases, tmp_path):
 PLUGIN = ROOT / "examples" / "plugin"
 
 
-@pytest.fixture
-def plugin_installed(tmp_path):
-    """The example plugin registered as if pip-installed: its module on sys.path and a dist-info whose
-    entry_points.txt holds exactly the entry points its pyproject.toml declares."""
-    import tomllib
-
-    declared = tomllib.loads((PLUGIN / "pyproject.toml").read_text())["project"]
-    dist_info = tmp_path / "site" / f"weightsteer_rank_one-{declared['version']}.dist-info"
+@contextmanager
+def entry_points_installed(site: Path, module_dir: Path, name: str, version: str, entries: dict[str, str]):
+    """A distribution registered as pip would: its module folder on sys.path and a dist-info with entry_points.txt."""
+    dist_info = site / f"{name.replace('-', '_')}-{version}.dist-info"
     dist_info.mkdir(parents=True)
-    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {declared['name']}\nVersion: {declared['version']}\n")
-    lines = ["[weightsteer.formats]", *(f"{k} = {v}" for k, v in declared["entry-points"]["weightsteer.formats"].items())]
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    lines = ["[weightsteer.formats]", *(f"{k} = {v}" for k, v in entries.items())]
     (dist_info / "entry_points.txt").write_text("\n".join(lines) + "\n")
-    sys.path[:0] = [str(PLUGIN), str(dist_info.parent)]
+    sys.path[:0] = [str(module_dir), str(site)]
     Registry.refresh()
     try:
         yield
     finally:
-        sys.path.remove(str(PLUGIN))
-        sys.path.remove(str(dist_info.parent))
+        sys.path.remove(str(module_dir))
+        sys.path.remove(str(site))
         Registry.refresh()
+
+
+@pytest.fixture
+def plugin_installed(tmp_path):
+    """The example plugin, with exactly the entry points its pyproject.toml declares."""
+    import tomllib
+
+    declared = tomllib.loads((PLUGIN / "pyproject.toml").read_text())["project"]
+    entries = declared["entry-points"]["weightsteer.formats"]
+    with entry_points_installed(tmp_path / "site", PLUGIN, declared["name"], declared["version"], entries):
+        yield
+
+
+def test_family_and_format_plugins_share_one_group(plugin_installed, tmp_path):
+    """A PEFT-type family and a format declared in the same entry point group land in their own registries."""
+    from weightsteer.adapters import FAMILIES, family_for
+    from weightsteer.formats import FORMATS
+
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "my_family.py").write_text(
+        "from weightsteer.adapters.lora import LoRA\n\nclass MyLoRA(LoRA):\n    name = 'MyLoRA'\n    peft_types = ('MYLORA',)\n"
+    )
+    with entry_points_installed(tmp_path / "site2", tmp_path / "mods", "my-family", "1.0", {"mylora": "my_family:MyLoRA"}):
+        assert family_for("MYLORA").name == "MyLoRA" and "MYLORA" not in FORMATS
+        assert "rank-one" in FORMATS and "RANK-ONE" not in FAMILIES
+    assert "MYLORA" not in FAMILIES
 
 
 def test_example_plugin_merges_through_the_cli(bases, plugin_installed, tmp_path):
