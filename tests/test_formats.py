@@ -27,6 +27,7 @@ import weightsteer
 from conftest import TOKENS, load_base, model_logits
 from weightsteer.cli import main
 from weightsteer.errors import AdapterError, ExportError, UnsupportedAdapterError
+from weightsteer.export import export_lora
 from weightsteer.formats.control_vector import export_vector
 from weightsteer.registry import Registry
 
@@ -242,9 +243,9 @@ def steering_lite_hooks(model, state: dict[int, torch.Tensor], coeff: float, dty
             handle.remove()
 
 
-@pytest.mark.parametrize("kind", ["v", "V"])
-def test_steering_lite_vector(bases, kind, tmp_path):
-    base = bases("llama")
+@pytest.mark.parametrize(("arch", "kind"), [("llama", "v"), ("llama", "V"), ("llama:sharded", "v")])
+def test_steering_lite_vector(bases, arch, kind, tmp_path):
+    base = bases(arch)
     v = torch.randn(64) * 0.3 if kind == "v" else torch.randn(3, 64) * 0.2
     file = _steering_lite_file(tmp_path / "vector.safetensors", {f"layer1.{kind}": v}, method="mean_diff" if kind == "v" else "pca")
     model = load_base(base).eval()
@@ -253,8 +254,14 @@ def test_steering_lite_vector(bases, kind, tmp_path):
         with steering_lite_hooks(model, {1: v}, coeff=c * 3.0):
             return logits_of(model)
 
-    assert_merges_match(file, base, tmp_path, forward)
+    outputs = assert_merges_match(file, base, tmp_path, forward)
     assert_inspect_names(file, "steering-lite")
+    if arch == "llama:sharded":  # each new bias sits in its weight's shard, and the index says so
+        weight_map = json.loads((outputs[1] / "model.safetensors.index.json").read_text())["weight_map"]
+        for name in ("model.layers.1.mlp.down_proj", "model.layers.0.mlp.gate_proj"):
+            assert weight_map[f"{name}.bias"] == weight_map[f"{name}.weight"]
+    with pytest.raises(ExportError, match="export-vector"):
+        export_lora(file, tmp_path / "lora", base=base)
 
 
 def test_steering_lite_refuses_input_dependent_methods(bases, tmp_path):

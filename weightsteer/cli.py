@@ -92,6 +92,10 @@ def merge(
 ) -> None:
     """Merge ADAPTER (folder or Hub repo id) into its base model and write standalone checkpoints.
 
+    ADAPTER may also be a steering artefact's file or folder, detected from its content: cwsteer, AntiPaSTO /
+    InnerPiSSA, weight-steering w.pt, a llama.cpp control-vector GGUF or a steering-lite vector (see `weightsteer
+    schemes`); vectors become biases after their block.
+
     \b
     Examples:
       weightsteer merge ./honest-adapter --coeff 0.5 -o ./model-honest
@@ -100,6 +104,7 @@ def merge(
       weightsteer merge ./honest-adapter --coeff 0.5 -o ./model-honest --verify
       weightsteer merge ./honest-adapter --coeff 0.5 -o ./model-honest --push user/model-honest --private
       weightsteer merge ./honest-adapter --coeff -1 --coeff 1 -o ./model-honest --gguf --outtype q8_0
+      weightsteer merge honesty.gguf --base ./Llama-3.2-1B --coeff 4 -o ./model-honest
     """
     paths = output_paths(output, coeffs)
     repos = _push_targets(push_to, coeffs, private=private, revision=revision, create_pr=create_pr)

@@ -119,6 +119,8 @@ def export_lora(
     check_output(output, overwrite)
     plan, base_ref, _ = open_plan(adapter, base=base, scheme=scheme, task_id=task_id)
     loaded, checkpoint, chosen = plan.adapter, plan.checkpoint, plan.scheme
+    if plan.added or (plan.edited and all(t.edit.part == "bias" for t in plan.edited)):
+        raise ExportError(f"{adapter} is an activation steering vector (a bias), not a weight change; use `weightsteer export-vector`.")
     result = LoraExport(output, coeff, chosen.name, loaded.peft_type, 0, checkpoint.root)
     modules = _module_changes(plan.edited, checkpoint, loaded, chosen, coeff, rank, energy, result, progress)
     _add_tied_head(modules, checkpoint, plan.config_patch, plan.edited)
