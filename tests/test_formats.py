@@ -48,6 +48,12 @@ def _config(arch: str):
         return tf.GPTNeoXConfig(**common, max_position_embeddings=64)
     if arch == "gemma2":
         return tf.Gemma2Config(**common, num_key_value_heads=2, head_dim=16)
+    if arch == "phi":
+        return tf.PhiConfig(**common)
+    if arch == "granite":  # the MLP output is scaled by residual_multiplier before the add
+        return tf.GraniteConfig(**common, num_key_value_heads=2, residual_multiplier=0.5, tie_word_embeddings=False)
+    if arch == "opt":
+        return tf.OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64)
     raise ValueError(arch)
 
 
@@ -162,7 +168,11 @@ def test_repeng_control_vector(vector_libs, bases, arch, tmp_path):
         assert "mlp_bias" not in config and set(_tensors(outputs[1])) == set(_tensors(bases(arch)))
 
 
-@pytest.mark.parametrize(("arch", "layer", "layer_type"), [("llama", 1, "decoder_block"), ("gpt_neox", -1, "decoder_block"), ("gpt_neox", 0, "mlp")])
+@pytest.mark.parametrize(
+    ("arch", "layer", "layer_type"),
+    [("llama", 1, "decoder_block"), ("gpt_neox", -1, "decoder_block"), ("gpt_neox", 0, "mlp"), ("phi", 1, "decoder_block"),
+     ("opt", 1, "decoder_block"), ("granite", 0, "decoder_block")],
+)  # fmt: skip
 def test_steering_vectors_vector(vector_libs, bases, more_bases, arch, layer, layer_type, tmp_path):
     _, sv = vector_libs
     base = bases(arch) if arch == "llama" else more_bases(arch)
