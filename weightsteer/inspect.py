@@ -15,8 +15,6 @@ from .checkpoint import Checkpoint
 from .errors import AdapterError, UnsupportedAdapterError
 from .resolve import resolve
 from .planner import plan_merge
-from .formats import detect_format
-from .formats.vectors import VectorArtefact
 
 
 @dataclass
@@ -48,6 +46,8 @@ class AdapterReport:
 
 def inspect(adapter: str | Path, base: str | Path | None = None) -> AdapterReport:
     """Describe an adapter; with `base`, also measure ‖ΔW‖/‖W‖ per changed tensor at coeff 1."""
+    from .formats import detect_format
+
     fmt = detect_format(Path(adapter).expanduser()) if Path(adapter).expanduser().exists() else None
     if fmt is not None:
         return _format_report(fmt, Path(adapter).expanduser(), base)
@@ -80,6 +80,8 @@ def inspect(adapter: str | Path, base: str | Path | None = None) -> AdapterRepor
 
 def _format_report(fmt, path: Path, base: str | Path | None) -> AdapterReport:
     """A steering format's artefact: its format name, what it steers, and (with a base) the tensors it changes."""
+    from .formats.vectors import VectorArtefact
+
     report = AdapterReport(str(path), fmt.name, "refused")
     try:
         loaded = fmt.read(path)

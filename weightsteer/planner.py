@@ -104,7 +104,7 @@ class MergePlan:
     checkpoint: Checkpoint
     adapter: Adapter
     scheme: Scheme
-    shards: dict[str, list[OutputTensor]]
+    shards: dict[str, list[OutputTensor | NewTensor]]
     config_patch: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -189,7 +189,7 @@ def _new_biases(
     The adapter's config_patch makes the architecture declare them (e.g. Llama's mlp_bias)."""
     added: dict[str, list[NewTensor]] = {}
     for state in states:
-        if not family.changes_bias(state):
+        if not family.adds_bias(state):
             continue
         weight_name = _resolve(checkpoint, state.path + ".weight", what=f"adapter module {state.path}")
         bias_name = weight_name.removesuffix("weight") + "bias"

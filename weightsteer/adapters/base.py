@@ -131,6 +131,11 @@ class AdapterFamily:
         """False for a change that only adds a bias (a steering vector): the weight is then copied, not recomputed."""
         return True
 
+    def adds_bias(self, state: ModuleState) -> bool:
+        """True where the change creates a bias the base module lacks (a steering vector): the planner writes it as
+        a new tensor, bias(state, zeros). False (default): a bias changes only where the base has one."""
+        return False
+
     def check_shapes(self, state: ModuleState, weight_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None) -> None:
         """Raise AdapterError if the module's tensors cannot apply to a base weight of this shape."""
 

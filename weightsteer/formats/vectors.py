@@ -143,6 +143,9 @@ class ResidualBias(AdapterFamily):
     def changes_weight(self, state):
         return False
 
+    def adds_bias(self, state):
+        return True
+
     def check_shapes(self, state, weight_shape, bias_shape):
         d = state.tensors["vector"].shape[0]
         if d != weight_shape[0]:
