@@ -7,7 +7,6 @@ reported before any output exists.
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -18,6 +17,7 @@ from .adapters import Adapter
 from .adapters.base import AdapterFamily, ModuleState, Scheme, ShapeLookup
 from .checkpoint import DTYPE_CODES, DTYPES, FLOAT_CODES, Checkpoint, TensorInfo
 from .errors import AdapterError, BaseModelError
+from .names import CheckpointNames, StoredSlice, names_for
 
 HEAD = "lm_head.weight"
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
@@ -126,7 +126,7 @@ def plan_merge(
     _refuse_quantized(checkpoint)
     shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
     edits: dict[str, Edit] = {}
-    states = adapter.modules(ShapeLookup(shapes, checkpoint.config), options)
+    states = adapter.modules(ShapeLookup(shapes, names_for(checkpoint), checkpoint.config), options)
     for state in states:
         _add_module_edits(edits, checkpoint, adapter.family, state)
     added = _new_biases(checkpoint, adapter.family, states, DTYPE_CODES.get(dtype))
@@ -163,6 +163,8 @@ def plan_merge(
 
 
 def _add_module_edits(edits: dict[str, Edit], checkpoint: Checkpoint, family: AdapterFamily, state: ModuleState) -> None:
+    if state.layer == "parameter":
+        return _add_parameter_edits(edits, names_for(checkpoint), family, state)
     weight_name = _resolve(checkpoint, state.path + ".weight", what=f"adapter module {state.path}")
     weight_shape = _info(checkpoint, weight_name).shape
     if state.layer == "linear" and checkpoint.config.get("model_type") in CONV1D_MODELS:
@@ -202,9 +204,48 @@ def _new_biases(
     return added
 
 
+def _add_parameter_edits(edits: dict[str, Edit], names: CheckpointNames, family: AdapterFamily, state: ModuleState) -> None:
+    """A parameter PEFT targets directly (an MoE expert stack): one edit per stored tensor it is made of."""
+    module, _, name = state.path.rpartition(".")
+    slices = names.slices(state.path)
+    _refuse_uncovered(names, state.path, names.parameter(module, name).shape, slices)
+    for stored in slices:
+        sliced = family.slice_state(state, stored)
+        family.check_shapes(sliced, names.shapes[stored.name], None)
+        if stored.name in edits:
+            raise AdapterError(f"Two adapter modules change {stored.name}; weightsteer merges one change per tensor.")
+        edits[stored.name] = Edit(family, sliced, "weight")
+
+
+def _refuse_uncovered(names: CheckpointNames, path: str, shape: tuple[int, ...], slices: list[StoredSlice]) -> None:
+    """Every expert (position along the first dim) of a targeted parameter must be stored whole; a merge that
+    left part of one as the base would not be what PEFT's forward computes."""
+    absent = names.missing_experts(path, shape[0])
+    if absent:
+        raise AdapterError(
+            f"Adapter changes {path} ({shape[0]} experts), but the base checkpoint {names.root} stores no tensors for "
+            f"expert{'s' if len(absent) > 1 else ''} {', '.join(absent)}; merging would leave "
+            f"{'them' if len(absent) > 1 else 'it'} unchanged. Merge into the complete base checkpoint."
+        )
+    per_position = math.prod(shape[1:])
+    covered = dict.fromkeys(range(shape[0]), 0)
+    for stored in slices:
+        size = math.prod(1 if isinstance(i, int) else len(i) for i in stored.index[1:])
+        for position in stored.experts():
+            covered[position] = covered.get(position, 0) + size
+    missing = [p for p, n in covered.items() if n != per_position]
+    if missing:
+        what = "experts" if len(shape) == 3 else "rows"
+        raise AdapterError(
+            f"Adapter changes {path} ({shape[0]} {what}), but the base checkpoint stores {what} "
+            f"{', '.join(map(str, missing))} of it incompletely or not at all (stored: {', '.join(s.name for s in slices[:4])}"
+            f"{', …' if len(slices) > 4 else ''}); merging would leave them unchanged. Merge into the complete base."
+        )
+
+
 def _tied_embedding(checkpoint: Checkpoint) -> str | None:
     """The input embedding that doubles as the output head, when the checkpoint stores no head."""
-    if HEAD in checkpoint.tensors:
+    if HEAD in checkpoint.tensors or names_for(checkpoint).renamed().get(HEAD):  # e.g. Llava's language_model.lm_head
         return None
     embeddings = [n for n in checkpoint.tensors if n.endswith(EMBEDDING_SUFFIXES)]
     return embeddings[0] if len(embeddings) == 1 else None
@@ -215,18 +256,15 @@ def _info(checkpoint: Checkpoint, name: str) -> TensorInfo:
 
 
 def _resolve(checkpoint: Checkpoint, name: str, what: str) -> str:
-    """Find the checkpoint tensor for a model-path tensor name (checkpoints may drop a leading prefix)."""
-    if name in checkpoint.tensors or (name == HEAD and _tied_embedding(checkpoint)):
+    """The stored tensor for a model-side tensor name: itself, transformers' renaming of a stored name onto it
+    (weightsteer.names), the tied head, or the one stored name sharing its suffix."""
+    names = names_for(checkpoint)
+    stored = names.mapped(name, what)
+    if stored is not None:
+        return stored
+    if name == HEAD and _tied_embedding(checkpoint):
         return name
-    candidates = [n for n in checkpoint.tensors if name.endswith("." + n) or n.endswith("." + name)]
-    if len(candidates) == 1:
-        return candidates[0]
-    close = difflib.get_close_matches(name, list(checkpoint.tensors), n=1)
-    hint = f" The closest base tensor is {close[0]!r}." if close else ""
-    raise AdapterError(
-        f"{what}: the base checkpoint {checkpoint.root} has no tensor {name!r}.{hint} "
-        "Is --base the model this adapter was trained on?"
-    )
+    return names.resolve(name, what)
 
 
 def _untie_head(checkpoint: Checkpoint, adapter: Adapter, edits: dict[str, Edit], plan: MergePlan) -> tuple[str, Edit | None] | None:

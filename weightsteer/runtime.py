@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 
 from .adapters import family_for
-from .adapters.base import MODEL_PREFIX, Scheme
+from .adapters.base import MODEL_PREFIX, Scheme, scale_scaling
 from .errors import SchemeError
 
 PEFT_ONLY_KWARGS = ("task_ids", "adapter_names")  # tuner-layer arguments the wrapped base layer does not take
@@ -43,15 +43,19 @@ def scaled(model: torch.nn.Module, coeff: float, *, scheme: str | None = None, a
     ]
     wrappers = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper) and adapter in m.modules_to_save]
     with ExitStack() as stack:
-        if chosen.apply is None:
-            for _, module in layers:
-                stack.enter_context(_delta_hook(module, coeff))
-        else:
-            states = [(module, family.live_state(module, adapter, _path(name))) for name, module in layers]
-            for module, state in states:
-                stack.callback(family.set_live_state, module, adapter, state)
-            for module, state in states:
-                family.set_live_state(module, adapter, chosen.apply(state, coeff))
+        hooked = [] if chosen.apply is not None else [m for _, m in layers if not hasattr(m, "parameter_name")]
+        for module in hooked:
+            stack.enter_context(_delta_hook(module, coeff))
+        # A PEFT ParamWrapper (target_parameters, LoRA only) changes one parameter of a module whose output is not
+        # affine in it (an MoE expert stack), so `delta` is applied in weight space there: ΔP = s·L R exactly
+        # (ParamWrapper allows no DoRA or lora_bias), so P + c·ΔP is scaling → c·scaling.
+        apply = chosen.apply or scale_scaling
+        skipped = {id(m) for m in hooked}
+        states = [(m, family.live_state(m, adapter, _path(name))) for name, m in layers if id(m) not in skipped]
+        for module, state in states:
+            stack.callback(family.set_live_state, module, adapter, state)
+        for module, state in states:
+            family.set_live_state(module, adapter, apply(state, coeff))
         for wrapper in wrappers:
             stack.enter_context(_interpolated(wrapper, adapter, coeff, chosen))
         yield model

@@ -277,11 +277,16 @@ class _Checker:
                     report.untouched += 1
                 else:
                     report.changed_untouched[tensor.name] = difference
-            elif _runs_as_layer(tensor):
+            elif _runs_as_layer(tensor) and self._saved_module(tensor.edit.state.path):
                 report.checks.append(self._check_module(tensor))
             elif not _runs_as_layer(self.outputs.get(tensor.name.removesuffix("bias") + "weight")):
                 report.checks.append(self._check_parameter(tensor))
             # else: a bias that its module's check covers
+
+    def _saved_module(self, path: str) -> bool:
+        """Does PEFT hold a layer at `path`? Not for one stored expert of a fused parameter (target_parameters):
+        such a slice is checked as a tensor, and the whole model by --logits."""
+        return any(key.startswith(f"{MODEL_PREFIX}{path}.") for key in self.adapter.tensors)
 
     def _read_base(self, tensor: OutputTensor) -> torch.Tensor:
         return self.base.read(tensor.source.name).to(self.device, torch.float32)

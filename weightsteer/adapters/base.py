@@ -13,11 +13,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Callable, ClassVar, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Mapping
 
 import torch
 
-from ..errors import AdapterError, SchemeError
+from ..errors import AdapterError, SchemeError, UnsupportedAdapterError
+
+if TYPE_CHECKING:
+    from ..names import CheckpointNames, ModelParameter, StoredSlice
 
 MODEL_PREFIX = "base_model.model."
 SHARED_PREFIX = "base_model."
@@ -30,7 +33,9 @@ class ModuleState:
     path: str
     tensors: dict[str, torch.Tensor]
     scalars: dict[str, float] = field(default_factory=dict)
-    layer: str = "linear"  # "linear" (W is out×in) or "embedding" (W is vocab×dim)
+    # "linear" (W is out×in), "embedding" (W is vocab×dim), "parameter" (a parameter PEFT targets directly with
+    # target_parameters: `path` names the parameter, e.g. an MoE expert stack) or "experts" (W is experts×out×in)
+    layer: str = "linear"
     fan_in_fan_out: bool = False  # the base tensor is stored transposed (GPT-2 Conv1D)
 
     def with_tensors(self, **tensors: torch.Tensor) -> "ModuleState":
@@ -139,6 +144,11 @@ class AdapterFamily:
     def check_shapes(self, state: ModuleState, weight_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None) -> None:
         """Raise AdapterError if the module's tensors cannot apply to a base weight of this shape."""
 
+    def slice_state(self, state: ModuleState, stored: "StoredSlice") -> ModuleState:
+        """For a layer="parameter" state: the state that changes one stored tensor, the slice `stored` of the
+        parameter (an expert's gate half of a fused gate_up_proj, say), in the stored tensor's orientation."""
+        raise UnsupportedAdapterError(f"{self.name} adapters do not target parameters directly ({state.path}).")
+
     # ---- runtime twin --------------------------------------------------------------------------
     def live_state(self, layer: torch.nn.Module, adapter: str, path: str) -> ModuleState:
         raise NotImplementedError
@@ -189,19 +199,38 @@ class AdapterFamily:
 
 
 class ShapeLookup:
-    """Shapes of base tensors, by module path, for families that size things from the base."""
+    """Shapes of base tensors, by module path, for families that size things from the base.
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, object] | None = None):
+    `names` (weightsteer.names.CheckpointNames) maps model paths to stored names as the planner does; without
+    it, a stored name that shares the path's suffix is taken. `config` is the base's config.json, for formats that
+    depend on the architecture (steering vectors)."""
+
+    def __init__(
+        self,
+        shapes: Mapping[str, tuple[int, ...]],
+        names: "CheckpointNames | None" = None,
+        config: Mapping[str, object] | None = None,
+    ):
         self.shapes = shapes
-        self.config = config or {}  # the base's config.json, for formats that depend on the architecture
+        self.names = names
+        self.config = config or {}
 
     def weight(self, path: str) -> tuple[int, ...] | None:
-        """The base weight's stored shape; checkpoints may drop or add a leading prefix, as the planner allows."""
+        """The base weight's stored shape."""
         name = path + ".weight"
+        if self.names is not None:
+            stored = self.names.find(name)
+            return self.shapes[stored] if stored is not None else None
         if name in self.shapes:
             return self.shapes[name]
         candidates = [n for n in self.shapes if name.endswith("." + n) or n.endswith("." + name)]
         return self.shapes[candidates[0]] if len(candidates) == 1 else None
+
+    def parameters(self, module: str) -> "dict[str, ModelParameter]":
+        """The model's own parameters of a module, in definition order (for target_parameters adapters)."""
+        if self.names is None:
+            raise AdapterError(f"Adapter targets parameters of {module} directly; that needs the base model's layout.")
+        return self.names.parameters(module)
 
 
 # ---- helpers shared by the family modules -----------------------------------------------------
