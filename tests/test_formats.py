@@ -256,7 +256,8 @@ def steering_lite_hooks(model, state: dict[int, torch.Tensor], coeff: float, dty
 @pytest.mark.parametrize(("arch", "kind"), [("llama", "v"), ("llama", "V"), ("llama:sharded", "v")])
 def test_steering_lite_vector(bases, arch, kind, tmp_path):
     base = bases(arch)
-    v = torch.randn(64) * 0.3 if kind == "v" else torch.randn(3, 64) * 0.2
+    generator = torch.Generator().manual_seed(12)
+    v = 0.3 * torch.randn(64, generator=generator) if kind == "v" else 0.2 * torch.randn(3, 64, generator=generator)
     file = _steering_lite_file(tmp_path / "vector.safetensors", {f"layer1.{kind}": v}, method="mean_diff" if kind == "v" else "pca")
     model = load_base(base).eval()
 
@@ -290,6 +291,8 @@ def test_vectors_refused_where_no_bias_adds_them(bases, more_bases, arch, reason
     error = json.loads(done.output)["error"]
     assert f"a {arch} model" in error and reason in error and "weightsteer export-vector" in error
     assert not (tmp_path / "out").exists()
+    done = CliRunner().invoke(main, ["export-vector", str(file), "--base", str(base), "-o", str(tmp_path / "v.gguf"), "--coeff", "2"])
+    assert done.exit_code == 0 and "direction.N for blocks 1" in done.output  # the way offered instead
 
 
 # ---- weight-steering w.pt ----------------------------------------------------------------------------
