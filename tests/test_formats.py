@@ -24,7 +24,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import weightsteer
-from conftest import TOKENS, load_base, model_logits
+from conftest import TOKENS, load_base, make_adapter, model_logits
+from weightsteer import Steer
 from weightsteer.cli import main
 from weightsteer.errors import AdapterError, ExportError, UnsupportedAdapterError
 from weightsteer.export import export_lora
@@ -628,3 +629,48 @@ def test_repeng_control_model_as_set(vector_libs, bases, tmp_path):
     with pytest.raises(UnsupportedAdapterError, match="normalize=True"):
         weightsteer.merge(model, tmp_path / "out2", base=base)
     assert not (tmp_path / "out2").exists()
+
+
+def test_vector_composes_with_a_lora(vector_libs, bases, tmp_path):
+    """A vector is a term like any adapter: LoRA@0.5 + repeng vector@−1 in one pass equals the chained single merges
+    and PEFT's LoRA forward under repeng's ControlModel; the same terms from a GGUF file through ADAPTER@COEFF and a
+    recipe; an output of the recipe without the vector writes its new biases as zeros."""
+    from peft import LoraConfig, PeftModel
+
+    repeng, _ = vector_libs
+    base = bases("llama")
+    lora = make_adapter(base, tmp_path / "lora", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    vector = repeng.ControlVector(model_type="llama", directions=_directions(7))
+    out = weightsteer.merge([Steer(lora, 0.5), Steer(vector, -1)], tmp_path / "out")
+    step = weightsteer.merge(lora, tmp_path / "step", coeff=0.5)
+    chained = weightsteer.merge(vector, tmp_path / "chained", coeff=-1, base=step)
+    ours, theirs = _tensors(out), _tensors(chained)
+    assert ours.keys() == theirs.keys() and ours.keys() > _tensors(base).keys()
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=1e-6, msg=name)
+    peft_model = PeftModel.from_pretrained(load_base(base), lora).eval()
+    with weightsteer.scaled(peft_model, 0.5):
+        controlled = repeng.ControlModel(peft_model.base_model.model, list(vector.directions))
+        controlled.set_control(vector, coeff=-1)
+        expected = logits_of(controlled)
+    assert (model_logits(out) - expected).abs().max() <= ATOL
+    assert (expected - model_logits(step)).abs().max() > 10 * ATOL  # the vector's term is not vacuous
+    record = json.loads((out / "weightsteer.json").read_text())
+    assert [(t["adapter_type"], t["coeff"]) for t in record["terms"]] == [("LORA", 0.5), ("repeng", -1.0)]
+
+    file = tmp_path / "vector.gguf"
+    vector.export_gguf(str(file))
+    done = CliRunner().invoke(main, ["merge", f"{file}@-1", f"{lora}@0.5", "-o", str(tmp_path / "cli"), "--json"])
+    assert done.exit_code == 0, done.output
+    recipe = {"outputs": [
+        {"path": str(tmp_path / "both"), "adapters": [{"adapter": str(lora), "coeff": 0.5}, {"adapter": str(file), "coeff": -1}]},
+        {"path": str(tmp_path / "lora-only"), "adapters": [{"adapter": str(lora), "coeff": 0.5}]},
+    ]}  # fmt: skip
+    weightsteer.build(recipe)
+    for folder in ("cli", "both"):  # additive families: the order of the terms does not matter
+        for name, tensor in _tensors(tmp_path / folder).items():
+            torch.testing.assert_close(tensor, ours[name], rtol=0, atol=1e-6, msg=f"{folder}: {name}")
+    lora_only, alone = _tensors(tmp_path / "lora-only"), _tensors(step)
+    assert all(torch.equal(lora_only[n], t) for n, t in alone.items())
+    assert all(not lora_only[n].any() for n in set(lora_only) - set(alone))
+    assert (model_logits(tmp_path / "lora-only") - model_logits(step)).abs().max() <= ATOL

@@ -7,13 +7,15 @@ from .errors import (  # noqa: E402
     BaseModelError,
     OutputError,
     PushError,
+    RecipeError,
     SchemeError,
     UnsupportedAdapterError,
     VerificationError,
     WeightsteerError,
 )
 from .hub import push  # noqa: E402
-from .merge import MergeResult, RoundingReport, merge, merge_many  # noqa: E402
+from .merge import MergeResult, RoundingReport, Steer, merge, merge_many  # noqa: E402
+from .recipe import build  # noqa: E402
 from .runtime import scaled  # noqa: E402
 from .verify import LogitsCheck, TensorCheck, VerifyReport, verify  # noqa: E402
 
@@ -21,6 +23,8 @@ __all__ = [
     "__version__",
     "merge",
     "merge_many",
+    "build",
+    "Steer",
     "scaled",
     "verify",
     "push",
@@ -37,4 +41,5 @@ __all__ = [
     "OutputError",
     "VerificationError",
     "PushError",
+    "RecipeError",
 ]

@@ -21,13 +21,12 @@ from tqdm.auto import tqdm
 
 from .checkpoint import DTYPES, ShardWriter
 from .errors import AdapterError
-from .planner import MergePlan, NewTensor, OutputTensor
+from .planner import Composition, Edit, MergePlan, NewTensor, OutputTensor
 
 
 class StreamTarget(Protocol):
     """What the engine fills in for one output (a MergeResult)."""
 
-    coeff: float
     changed_tensors: list[str]
     rounding: "RoundingReport"
     seconds: dict[str, float]
@@ -112,19 +111,28 @@ class _PhaseClock:
             self.seconds[phase] += time.perf_counter() - start
 
 
-def stream(plan: MergePlan, results: Sequence[StreamTarget], stagings: Sequence[Path], device: torch.device, progress: bool) -> None:
-    """Write every output shard of every result into its staging folder."""
+def stream(
+    plan: MergePlan,
+    compositions: Sequence[Composition],
+    results: Sequence[StreamTarget],
+    stagings: Sequence[Path],
+    device: torch.device,
+    progress: bool,
+) -> None:
+    """Write every output shard of every result (one per composition) into its staging folder, from one
+    read of the base: each tensor is read once and computed for every output that changes it."""
     if device.type == "cpu":
         _keep_freed_memory_for_reuse()
     moved: dict[int, torch.Tensor] = {}
-    for tensor in plan.edited:
-        tensor.edit.to(device, moved)
-    for added in plan.added:
-        added.compute.to(device, moved)
-    computed = [t for tensors in plan.shards.values() for t in tensors if _needs_read(plan, t, results)]
+    edits: dict[str, list[Edit | None]] = {}
+    for tensor in plan.edited + plan.added:
+        for change in tensor.changes.values():
+            change.to(device, moved)
+        edits[tensor.name] = [plan.edit(tensor, composition) for composition in compositions]
+    computed = [t for tensors in plan.shards.values() for t in tensors if _needs_read(t, edits)]
     clock = _PhaseClock()
     # On a GPU, one page-locked buffer for reads and one for writes make host↔device copies fast.
-    largest = max((max(t.source.nbytes, t.nbytes) for t in computed), default=0)
+    largest = max([max(t.source.nbytes, t.nbytes) for t in computed] + [t.nbytes for t in plan.added], default=0)
     pinned = [torch.empty(largest, dtype=torch.uint8, pin_memory=True) for _ in range(2)] if device.type == "cuda" else [None, None]
     total = sum(_read_bytes(t) for tensors in plan.shards.values() for t in tensors)
     opened: list[ShardWriter] = []
@@ -142,11 +150,11 @@ def stream(plan: MergePlan, results: Sequence[StreamTarget], stagings: Sequence[
                 shard_writers = [ShardWriter(staging / shard, layout, metadata) for staging in stagings]
                 opened += shard_writers
                 for tensor in tensors:
-                    if isinstance(tensor, NewTensor):
-                        outputs = _new_outputs(plan, tensor, results, device, clock)
+                    if isinstance(tensor, NewTensor):  # a change to an all-zero base tensor
+                        outputs = _outputs(tensor, edits[tensor.name], _zeros(tensor, device), results, clock)
                         writes.submit(_write_all, shard_writers, tensor.name, outputs, clock, pinned[1])
-                    elif _needs_read(plan, tensor, results):
-                        outputs = _outputs(plan, tensor, reads.next(), results, clock)
+                    elif _needs_read(tensor, edits):
+                        outputs = _outputs(tensor, edits.get(tensor.name), reads.next(), results, clock)
                         writes.submit(_write_all, shard_writers, tensor.name, outputs, clock, pinned[1])
                     else:
                         writes.submit(_copy_all, shard_writers, tensor, clock)
@@ -208,27 +216,16 @@ def _read_bytes(tensor: OutputTensor | NewTensor) -> int:
     return 0 if isinstance(tensor, NewTensor) else tensor.source.nbytes
 
 
-def _new_outputs(
-    plan: MergePlan, tensor: NewTensor, results: Sequence[StreamTarget], device: torch.device, clock: _PhaseClock
-) -> list[torch.Tensor]:
-    """A tensor the base lacks: zeros at a base coeff, else its value, in the output dtype."""
-    dtype = DTYPES[tensor.dtype]
-    outputs = []
-    with clock("compute"):
-        for result in results:
-            value = torch.zeros(tensor.shape, device=device) if is_base(plan, result.coeff) else tensor.value(plan.scheme, result.coeff, device)
-            if not math.isfinite(float(value.sum())):
-                raise AdapterError(f"Merging {tensor.name} at coeff {result.coeff} gives NaN or inf; check the adapter and coeff.")
-            if bool(value.any()):
-                result.changed_tensors.append(tensor.name)
-            outputs.append(value.to(dtype))
-    return outputs
+def _zeros(tensor: NewTensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base a new tensor is computed from, as _read gives it: (fp32, output dtype)."""
+    zeros = torch.zeros(tensor.shape, device=device)
+    return zeros, zeros.to(DTYPES[tensor.dtype])
 
 
-def _needs_read(plan: MergePlan, tensor: OutputTensor, results: Sequence[StreamTarget]) -> bool:
+def _needs_read(tensor: OutputTensor | NewTensor, edits: dict[str, list[Edit | None]]) -> bool:
     if isinstance(tensor, NewTensor):
         return False
-    edited = tensor.edit is not None and any(not is_base(plan, r.coeff) for r in results)
+    edited = any(edit is not None for edit in edits.get(tensor.name, ()))
     return edited or tensor.dtype != tensor.source.dtype
 
 
@@ -243,12 +240,14 @@ def _read(
         return stored.float(), stored.to(DTYPES[tensor.dtype])
 
 
-def _outputs(plan: MergePlan, tensor: OutputTensor, bases, results: Sequence[StreamTarget], clock: _PhaseClock) -> list[torch.Tensor]:
+def _outputs(
+    tensor: OutputTensor, edits: list[Edit | None] | None, bases, results: Sequence[StreamTarget], clock: _PhaseClock
+) -> list[torch.Tensor]:
     base, base_rounded = bases
     with clock("compute"):
         return [
-            _merged(tensor, base, base_rounded, plan, result) if tensor.edit is not None and not is_base(plan, result.coeff) else base_rounded
-            for result in results
+            base_rounded if edit is None else _merged(tensor, edit, base, base_rounded, result)
+            for edit, result in zip(edits or [None] * len(results), results)
         ]
 
 
@@ -271,18 +270,15 @@ def _close_all(writers: Sequence[ShardWriter]) -> None:
         writer.close()
 
 
-def _merged(tensor: OutputTensor, base: torch.Tensor, base_rounded: torch.Tensor, plan: MergePlan, result: StreamTarget) -> torch.Tensor:
-    """The edited tensor at result.coeff, rounded once to the output dtype; updates the report."""
-    target = tensor.edit(base, plan.scheme, result.coeff)
+def _merged(tensor: OutputTensor, edit: Edit, base: torch.Tensor, base_rounded: torch.Tensor, result: StreamTarget) -> torch.Tensor:
+    """The edited tensor (every step of the output's composition), rounded once to the output dtype; updates the report."""
+    target = edit(base)
     if not math.isfinite(float(target.sum())):  # one pass; NaN and inf survive a sum
-        raise AdapterError(f"Merging {tensor.name} at coeff {result.coeff} gives NaN or inf; check the adapter and coeff.")
+        coeffs = ", ".join(f"{step.coeff:g}" for step in edit.steps)
+        raise AdapterError(f"Merging {tensor.name} at coeff {coeffs} gives NaN or inf; check the adapter and coeff.")
     rounded = target.to(base_rounded.dtype)
     before = result.rounding.changed
     result.rounding.add(base, target, rounded, base_rounded)
     if result.rounding.changed > before or not torch.equal(target, base):
         result.changed_tensors.append(tensor.name)
     return rounded
-
-
-def is_base(plan: MergePlan, coeff: float) -> bool:
-    return coeff == 0 and plan.scheme.base_at_zero

@@ -104,6 +104,10 @@ class AdapterFamily:
     schemes: ClassVar[dict[str, Scheme]]
     knobs: ClassVar[tuple[str, ...]] = ()  # scalars that `knob:<name>` may scale besides tensors
     options: ClassVar[tuple[str, ...]] = ()  # merge options the family reads, e.g. ("task_id",)
+    # Several adapters of this family active in one PEFT model add their changes, each computed against the
+    # same weight (LoRA: W + Σ ΔWᵢ). False where PEFT's forward applies them one after another (IA3
+    # multiplies its scalings; rotations compose), so a composition chains them.
+    composes_additively: ClassVar[bool] = True
 
     # ---- parsing -------------------------------------------------------------------------------
     def parse(
