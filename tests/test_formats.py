@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import weightsteer
-from conftest import TOKENS, load_base, make_adapter, model_logits
+from conftest import TOKENS, assert_base_identical, load_base, make_adapter, model_logits
 from weightsteer import Steer
 from weightsteer.cli import main
 from weightsteer.errors import AdapterError, ExportError, UnsupportedAdapterError
@@ -89,7 +89,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def assert_merges_match(artefact, base: Path, tmp_path: Path, forward, coeffs=COEFFS) -> dict[float, Path]:
     """Merge at 0 and every coeff from one read of the base; logits vs `forward(c)` ≤ ATOL; c = 0 is the base
-    (its tensors byte for byte; a tensor the merge adds is all zeros)."""
+    (its tensors and config byte for byte, in its layout: no new bias, no patched config)."""
     outputs = {c: tmp_path / f"c{c:g}" for c in (0, *coeffs)}
     weightsteer.merge_many(artefact, outputs, base=base)
     base_logits = model_logits(base)
@@ -98,10 +98,7 @@ def assert_merges_match(artefact, base: Path, tmp_path: Path, forward, coeffs=CO
         error = (model_logits(outputs[c]) - expected).abs().max().item()
         assert error <= ATOL, f"coeff {c}: merged vs the format's own forward max |Δlogit| = {error:.3g}"
         assert (expected - base_logits).abs().max() > 10 * ATOL, f"coeff {c}: no effect, the test is vacuous"
-    ours, theirs = _tensors(outputs[0]), _tensors(base)
-    for name, tensor in theirs.items():
-        assert torch.equal(ours[name].view(torch.uint8), tensor.view(torch.uint8)), name
-    assert all(not ours[n].any() for n in set(ours) - set(theirs))
+    assert_base_identical(base, outputs[0])
     return outputs
 
 

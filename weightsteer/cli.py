@@ -254,6 +254,8 @@ def _print_published(item: Published, outtype: str) -> None:
         f"wrote {r.path}  ({what}, {len(r.changed_tensors)} tensors changed; "
         f"{r.rounding.swallowed_share:.1%} of changed elements lost to rounding)"
     )
+    if r.dropped_files:
+        click.echo(f"  not copied from the base (weights the merge did not rewrite): {', '.join(r.dropped_files)}")
     if item.gguf:
         click.echo(f"wrote {item.gguf.path}  (GGUF {outtype}, llama.cpp's convert_hf_to_gguf.py)")
     if item.verification:

@@ -277,6 +277,8 @@ def _merged(tensor: OutputTensor, edit: Edit, base: torch.Tensor, base_rounded: 
         coeffs = ", ".join(f"{step.coeff:g}" for step in edit.steps)
         raise AdapterError(f"Merging {tensor.name} at coeff {coeffs} gives NaN or inf; check the adapter and coeff.")
     rounded = target.to(base_rounded.dtype)
+    if target.shape != base.shape:  # added token rows have no base value: the report leaves them out
+        base, base_rounded = (torch.cat([t, r[t.shape[0] :]]) for t, r in ((base, target), (base_rounded, rounded)))
     before = result.rounding.changed
     result.rounding.add(base, target, rounded, base_rounded)
     if result.rounding.changed > before or not torch.equal(target, base):

@@ -63,13 +63,17 @@ def inspect(adapter: str | Path, base: str | Path | None = None) -> AdapterRepor
     except UnsupportedAdapterError as e:
         report.reason = REFUSED.get(peft_type, str(e))
         return report
+    refusal = family.refusal(config)
+    if refusal is not None:
+        report.reason = refusal
+        return report
     loaded = load_adapter(folder)
     report.merge = "fixed task" if peft_type == "POLY" else "exact"
     report.reason = "one task id per merged model (--task-id)" if peft_type == "POLY" else "closed-form weight change"
     report.rank = config.get("r")
     report.rank_pattern = config.get("rank_pattern") or {}
     report.parameters = sum(t.numel() for t in loaded.tensors.values())
-    modules, replaced, _ = split_keys(loaded.tensors, family.tokens, family.shared_tokens)
+    modules, replaced, _ = split_keys(loaded.tensors, family.tokens, family.shared_tokens, nested=family.nested)
     report.targets = sorted([*modules, *replaced])
     default = family.scheme(None)
     report.scheme = {"name": default.name, "formula": default.formula, "meaning": default.meaning}

@@ -67,6 +67,7 @@ class MergeResult:
     seconds: dict[str, float] = field(default_factory=dict)  # read / compute / write, shared by one run
     terms: list[TermResult] = field(default_factory=list)
     compose: str = "chain"
+    dropped_files: list[str] = field(default_factory=list)  # base files holding weights the merge did not rewrite
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -170,9 +171,15 @@ def merge_targets(
     stagings = [staging_dir(r.path) for r in results]
     plan = opened.plan
     try:
-        stream(plan, compositions, results, stagings, torch.device(device or "cpu"), progress)
-        for result, composition, staging in zip(results, compositions, stagings):
-            finish_output(plan, opened, composition, result, staging, results)
+        # An output whose every term is a no-op (coeff 0) is the base in its own layout: no untied head, no grown vocabulary.
+        base_plan = plan.at_base()
+        for layout in (plan, base_plan):
+            group = [i for i, c in enumerate(compositions) if all(t.is_noop for t in c.terms) == (layout is base_plan)]
+            if group:
+                picked = [compositions[i] for i in group], [results[i] for i in group], [stagings[i] for i in group]
+                stream(layout, *picked, torch.device(device or "cpu"), progress)
+                for i in group:
+                    finish_output(layout, opened, compositions[i], results[i], stagings[i], results)
         for result, staging in zip(results, stagings):
             publish(staging, result.path)
     finally:
