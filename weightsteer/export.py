@@ -129,6 +129,7 @@ def export_lora(
         plan, checkpoint, base_ref = opened.plan, opened.plan.checkpoint, opened.base_ref
         slot.protect(*opened.inputs())
         composition = Composition(tuple(opened.term(s) for s in terms), compose)
+        _refuse_vectors(plan, composition, opened.refs)
         records = [
             {"adapter": opened.refs[t.adapter], "adapter_type": plan.adapters[t.adapter].peft_type, "coeff": t.coeff, "scheme": t.scheme.name}
             for t in composition.terms
@@ -151,6 +152,17 @@ def export_lora(
         _write(slot.stage(), modules, result.rank, plan.adapters[composition.terms[0].adapter], base_ref, result)
         slot.publish()
     return result
+
+
+def _refuse_vectors(plan: MergePlan, composition: Composition, refs: list[str]) -> None:
+    """An activation steering vector changes only biases (new ones where the base has none): no LoRA carries it."""
+    for term in composition.terms:
+        parts = {t.changes[term.adapter].part for t in plan.edited if term.adapter in t.changes}
+        if parts <= {"bias"}:
+            raise ExportError(
+                f"{refs[term.adapter]} is an activation steering vector (a bias), not a weight change; "
+                "use `weightsteer export-vector`."
+            )
 
 
 # ---- one module at a time ---------------------------------------------------------------------------

@@ -171,30 +171,53 @@ class OutputTensor:
 
 
 @dataclass
+class NewTensor:
+    """An output tensor the base does not store: a bias a change adds where the base module has none (a steering
+    vector's), written right after the module's weight. It is a change to an all-zero base bias, so an output
+    whose terms leave it alone writes zeros."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    changes: dict[int, Change] = field(default_factory=dict)  # adapter index → its change to this tensor
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+@dataclass
 class MergePlan:
     checkpoint: Checkpoint
     adapters: list[Adapter]
-    shards: dict[str, list[OutputTensor]]
+    shards: dict[str, list[OutputTensor | NewTensor]]
     config_patch: dict[str, object] = field(default_factory=dict)  # "a.b" keys patch nested objects (text_config)
     # The module path of an output head that shares the edited input embedding's tensor (it changes with it).
     shared_head: str | None = None
 
     @property
     def edited(self) -> list[OutputTensor]:
-        """Tensors some adapter changes (the union over all adapters)."""
-        return [t for tensors in self.shards.values() for t in tensors if t.changes]
+        """Base tensors some adapter changes (the union over all adapters)."""
+        return [t for tensors in self.shards.values() for t in tensors if isinstance(t, OutputTensor) and t.changes]
+
+    @property
+    def added(self) -> list[NewTensor]:
+        """Tensors the base lacks (new biases)."""
+        return [t for tensors in self.shards.values() for t in tensors if isinstance(t, NewTensor)]
 
     def at_base(self) -> "MergePlan":
         """The plan of an output whose every term is a no-op (coeff 0): the base's own layout and config (only a
         --dtype cast remains), so no untied head, no grown vocabulary."""
         shards = {
-            shard: [OutputTensor(t.name, t.source, t.dtype) for t in tensors if t.name == t.source.name]
+            shard: [
+                OutputTensor(t.name, t.source, t.dtype) for t in tensors if isinstance(t, OutputTensor) and t.name == t.source.name
+            ]
             for shard, tensors in self.shards.items()
         }
         patch = {k: v for k, v in self.config_patch.items() if k in ("dtype", "torch_dtype")}
         return MergePlan(self.checkpoint, self.adapters, shards, patch)
 
-    def edit(self, tensor: OutputTensor, composition: Composition) -> Edit | None:
+    def edit(self, tensor: OutputTensor | NewTensor, composition: Composition) -> Edit | None:
         """The steps that compute `tensor` for this composition; None where no term changes it."""
         steps: list[Step] = []
         for term in composition.terms:
@@ -245,8 +268,13 @@ def plan_merge(
             for member, by_adapter in added.get(info.name, {}).items():
                 kept = {i: c for i, c in by_adapter.items() if c is not None}
                 tensors.append(OutputTensor(member, info, code, kept, resized.get(member)))
+            new_bias = _added_bias(checkpoint, info, code, changes)
+            if new_bias is not None:
+                tensors.append(new_bias)
     if resized:
         plan.config_patch.update(_config_keys(checkpoint.config, "vocab_size", _check_resized(plan, resized)))
+    for adapter in adapters:
+        plan.config_patch.update(adapter.config_patch(checkpoint.config))
     if out_code is not None:
         plan.config_patch["torch_dtype" if "torch_dtype" in checkpoint.config else "dtype"] = str(dtype).removeprefix("torch.")
     return plan
@@ -258,7 +286,7 @@ def _adapter_changes(
     """Tensor name → the change one adapter makes to it; and {tensor: new shape} where it adds token rows."""
     shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
     edits: dict[str, Change] = {}
-    states = adapter.modules(ShapeLookup(shapes, names_for(checkpoint)), options)
+    states = adapter.modules(ShapeLookup(shapes, names_for(checkpoint), checkpoint.config), options)
     for state in states:
         _add_module_edits(edits, checkpoint, adapter.family, state)
     resized = _add_replacements(edits, checkpoint, adapter)
@@ -287,8 +315,19 @@ def _add_module_edits(edits: dict[str, Change], checkpoint: Checkpoint, family: 
         raise AdapterError(f"Two adapter modules change {weight_name}; weightsteer merges one change per tensor.")
     if family.changes_weight(state):
         edits[weight_name] = Change(family, state, "weight")
-    if bias_info is not None and family.changes_bias(state):
-        edits[bias_name] = Change(family, state, "bias")
+    if family.changes_bias(state) and (bias_info is not None or family.adds_bias(state)):
+        edits[bias_name] = Change(family, state, "bias")  # a bias the base lacks becomes a NewTensor
+
+
+def _added_bias(checkpoint: Checkpoint, weight: TensorInfo, code: str, changes: dict[str, dict[int, Change]]) -> NewTensor | None:
+    """The bias changes add to `weight`'s module where the base stores none; the adapters' config_patch makes the
+    architecture declare it (e.g. Llama's mlp_bias)."""
+    name = weight.name.removesuffix("weight") + "bias"
+    if not weight.name.endswith("weight") or name in checkpoint.tensors or name not in changes:
+        return None
+    state = next(iter(changes[name].values())).state
+    rows = weight.shape[-1] if state.fan_in_fan_out else weight.shape[0]
+    return NewTensor(name, (rows,), code, changes[name])
 
 
 def _add_parameter_edits(edits: dict[str, Change], names: CheckpointNames, family: AdapterFamily, state: ModuleState) -> None:

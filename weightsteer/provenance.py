@@ -34,7 +34,7 @@ def finish_output(
     """Everything but the weights: index, support files, weightsteer.json (with no local paths: those go to
     .weightsteer-local.json, which push never uploads) and the card."""
     _refuse_broken(plan, composition, result)
-    out_dtype = {t.dtype for t in plan.edited} or {"unchanged"}
+    out_dtype = {t.dtype for t in plan.edited + plan.added} or {"unchanged"}
     if result.rounding.swallowed_share > ROUNDING_WARN_SHARE:
         result.warnings.append(
             f"{result.rounding.summary('/'.join(sorted(out_dtype)))}. Most of the change is lost; "
@@ -114,6 +114,9 @@ def _published_adapters(plan: MergePlan, opened: "Opened") -> list[tuple[str, st
     """Per adapter: (name as published: its Hub id or folder name, Hub commit, absolute local path or None)."""
     found = []
     for ref, adapter in zip(opened.refs, plan.adapters):
+        if not adapter.path.exists():  # a Python vector object: its description, no path
+            found.append((ref, None, None))
+            continue
         shown, hub_id, revision, local = published_reference(ref, adapter.path)
         found.append((hub_id or shown, revision, local))
     return found

@@ -208,6 +208,8 @@ def verify(
         name for name, given in (("adapter", adapter), ("coeff", coeff)) if given is None and (recorded.get(name) is not None or recorded.get("terms"))
     ]
     terms = _recorded_terms(merged, recorded, local, adapter, coeff, scheme)
+    for term in terms:
+        _refuse_formats(term["adapter"], term["adapter_type"])
     compute_device = checked_device(device)
     refs = list(dict.fromkeys(t["adapter"] for t in terms))
     revisions = {t["adapter"]: t.get("adapter_revision") for t in terms}
@@ -265,7 +267,8 @@ def _recorded_terms(
                 f"{merged} has no {PROVENANCE_NAME} naming its adapter and coeff; pass them (--adapter, --coeff)."
             )
         recorded_scheme = (recorded.get("scheme") or {}).get("name")
-        return [{"adapter": ref, "coeff": coeff, "scheme": scheme or recorded_scheme, "adapter_revision": _pinned(recorded, ref, "adapter", "adapter_revision")}]
+        return [{"adapter": ref, "coeff": coeff, "scheme": scheme or recorded_scheme, "adapter_revision": _pinned(recorded, ref, "adapter", "adapter_revision"),
+                 "adapter_type": recorded.get("adapter_type")}]
     if coeff is not None and len(recorded["terms"]) > 1:
         raise VerificationError(
             f"{merged} is a composition of {len(recorded['terms'])} adapters, each at its own coeff; --coeff needs --adapter."
@@ -274,9 +277,23 @@ def _recorded_terms(
     paths = paths if isinstance(paths, list) and len(paths) == len(recorded["terms"]) else [None] * len(recorded["terms"])
     return [
         {"adapter": path or t["adapter"], "coeff": coeff if coeff is not None else t["coeff"], "scheme": scheme or t["scheme"]["name"],
-         "adapter_revision": None if path else t.get("adapter_revision")}
+         "adapter_revision": None if path else t.get("adapter_revision"), "adapter_type": t.get("adapter_type")}
         for t, path in zip(recorded["terms"], paths)
     ]
+
+
+def _refuse_formats(adapter_ref: str, recorded_type: str | None) -> None:
+    """verify runs PEFT's forward; a non-PEFT steering format has no PEFT model to run."""
+    from .formats import FORMATS, detect_format
+
+    path = Path(adapter_ref).expanduser()
+    fmt = detect_format(path) if path.exists() else None
+    name = fmt.name if fmt is not None else recorded_type if recorded_type in FORMATS else None
+    if name is not None:
+        raise VerificationError(
+            f"{adapter_ref} is a {name} artefact, not a PEFT adapter: verify compares against PEFT's forward, which it "
+            f"does not have. Compare with the format's own runtime instead ({FORMATS.get(name).runtime})."
+        )
 
 
 def _recorded(merged: Path) -> tuple[dict, dict]:
