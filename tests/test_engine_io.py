@@ -153,5 +153,5 @@ def test_sharded_bf16_merge_of_several_coeffs_matches_peft_and_the_full_tensor_p
 def test_copies_and_reads_interleave_in_file_order_with_minimal_queues(tmp_path, small_queues):
     """Unchanged tensors (copied in the kernel) and changed ones (read, computed) alternate in each shard."""
     base = build_base("llama", tmp_path / "base", shard_size="60KB")
-    adapter = make_adapter(base, tmp_path / "adapter", DeloraConfig(r=4, delora_lambda=2, target_modules=["q_proj"]))
+    adapter = make_adapter(base, tmp_path / "adapter", DeloraConfig(r=4, delora_lambda=20, target_modules=["q_proj", "down_proj"]))
     assert_matches_runtime(base, adapter, tmp_path, [1.0, -0.5])
