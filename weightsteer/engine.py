@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 from pathlib import Path
@@ -148,7 +148,7 @@ def stream(plan: MergePlan, results: Sequence[StreamTarget], stagings: Sequence[
         ThreadPoolExecutor(1, "weightsteer-read") as reader,
         ThreadPoolExecutor(READS_IN_FLIGHT, "weightsteer-read-chunk") as chunks,
         ThreadPoolExecutor(1, "weightsteer-write") as writer,
-        ThreadPoolExecutor(max(1, torch.get_num_threads()), "weightsteer-compute") as workers,
+        _compute_workers(device) as workers,
         ReadAhead([t.source for t in ordered]) as read_ahead,
         tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress) as bar,
     ):
@@ -181,6 +181,15 @@ def stream(plan: MergePlan, results: Sequence[StreamTarget], stagings: Sequence[
 
 
 # Memory is bounded by bytes, not by model size: a few tensors in flight whatever the checkpoint.
+def _compute_workers(device: torch.device) -> ThreadPoolExecutor | nullcontext:
+    """One thread per intra-op thread torch would use, each with single-threaded torch ops (the setting is
+    per thread; the caller's stays). Small ops on many intra-op threads spend their time in barriers: on a
+    loaded 2-core machine, 100 µs ops ran 10-20× slower on two OpenMP threads than on one."""
+    if device.type != "cpu":
+        return nullcontext()
+    return ThreadPoolExecutor(max(1, torch.get_num_threads()), "weightsteer-compute", initializer=torch.set_num_threads, initargs=(1,))
+
+
 PREFETCH_BYTES = 128 << 20  # tensors read ahead of the compute (always at least one)
 WRITE_BYTES = 256 << 20  # computed bytes waiting for the writer (always at least one tensor)
 READS_IN_FLIGHT = 4  # chunk reads of one large tensor issued at once (keeps an NVMe queue busy)
@@ -423,8 +432,8 @@ def _low_rank_blocked(
 ) -> list[torch.Tensor]:
     """W + L R for each result's factors, computed block by block from the stored tensor, rounded once.
 
-    On a CPU the blocks are shared among `workers`, each running single-threaded torch ops: small ops on
-    many intra-op threads spend their time in barriers, the more so on a loaded machine."""
+    On a CPU the blocks are shared among `workers`, threads whose torch ops run single-threaded (see
+    `_compute_workers`)."""
     rows, cols = stored.shape
     blocks = row_blocks(rows, cols, stored.device)
     step = sample_step(stored)
@@ -451,13 +460,11 @@ def _low_rank_blocked(
                 unchanged[k] = unchanged[k] and torch.equal(target, base)
         return list(zip(reports, unchanged))
 
-    count = workers._max_workers if workers is not None and len(blocks) > 1 else 1
-    if count == 1:
+    if workers is None:
         shares = [update(blocks)]
     else:
-        with _single_threaded_ops():
-            pending = [workers.submit(update, blocks[i::count]) for i in range(min(count, len(blocks)))]
-            shares = [share.result() for share in pending]
+        count = min(workers._max_workers, len(blocks))
+        shares = [share.result() for share in [workers.submit(update, blocks[i::count]) for i in range(count)]]
     for k, result in enumerate(results):
         before = result.rounding.changed
         for report, _ in (share[k] for share in shares):
@@ -465,16 +472,6 @@ def _low_rank_blocked(
         if result.rounding.changed > before or not all(share[k][1] for share in shares):
             result.changed_tensors.append(tensor.name)
     return outputs
-
-
-@contextmanager
-def _single_threaded_ops():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def is_base(plan: MergePlan, coeff: float) -> bool:
