@@ -180,16 +180,24 @@ def stream(plan: MergePlan, results: Sequence[StreamTarget], stagings: Sequence[
         result.seconds = dict(clock.seconds)
 
 
-# Memory is bounded by bytes, not by model size: a few tensors in flight whatever the checkpoint.
 def _compute_workers(device: torch.device) -> ThreadPoolExecutor | nullcontext:
-    """One thread per intra-op thread torch would use, each with single-threaded torch ops (the setting is
-    per thread; the caller's stays). Small ops on many intra-op threads spend their time in barriers: on a
-    loaded 2-core machine, 100 µs ops ran 10-20× slower on two OpenMP threads than on one."""
-    if device.type != "cpu":
+    """On a CPU with few cores, one thread per intra-op thread torch would use, each with single-threaded
+    torch ops (the setting is per thread; the caller's stays): small ops on several OpenMP threads spend
+    their time in barriers once other processes compete for the cores; on a loaded 2-core machine 100 µs
+    ops ran 10-20× slower on two OpenMP threads than on one. With more cores (and on a GPU) the caller's
+    thread computes, torch splitting each block among its threads."""
+    threads = torch.get_num_threads()
+    count = COMPUTE_WORKERS if COMPUTE_WORKERS is not None else (threads if threads <= MAX_COMPUTE_WORKERS else 0)
+    if device.type != "cpu" or count < 1:
         return nullcontext()
-    return ThreadPoolExecutor(max(1, torch.get_num_threads()), "weightsteer-compute", initializer=torch.set_num_threads, initargs=(1,))
+    return ThreadPoolExecutor(count, "weightsteer-compute", initializer=torch.set_num_threads, initargs=(1,))
 
 
+MAX_COMPUTE_WORKERS = 4  # above this many intra-op threads, compute on the caller's thread (see _compute_workers)
+COMPUTE_WORKERS: int | None = None  # None: the rule above; 0: always the caller's thread; n: n workers
+
+
+# Memory is bounded by bytes, not by model size: a few tensors in flight whatever the checkpoint.
 PREFETCH_BYTES = 128 << 20  # tensors read ahead of the compute (always at least one)
 WRITE_BYTES = 256 << 20  # computed bytes waiting for the writer (always at least one tensor)
 READS_IN_FLIGHT = 4  # chunk reads of one large tensor issued at once (keeps an NVMe queue busy)
@@ -414,9 +422,14 @@ def _row_factors(tensor: OutputTensor, plan: MergePlan, coeff: float, stored: to
     return left.to(device, torch.float32).contiguous(), right.to(device, torch.float32).contiguous()
 
 
-def row_blocks(rows: int, cols: int, device: torch.device) -> list[tuple[int, int]]:
-    """Row ranges of about a block's elements each, none under MIN_BLOCK_ROWS rows (unless the tensor is)."""
-    elements = GPU_BLOCK_ELEMENTS if device.type == "cuda" else CPU_BLOCK_ELEMENTS
+def row_blocks(rows: int, cols: int, device: torch.device, workers: ThreadPoolExecutor | None = None) -> list[tuple[int, int]]:
+    """Row ranges of about a block's elements each, none under MIN_BLOCK_ROWS rows (unless the tensor is).
+    A block computed on the caller's CPU thread is shared among torch's intra-op threads: one cache-sized
+    piece per thread."""
+    if device.type == "cuda":
+        elements = GPU_BLOCK_ELEMENTS
+    else:
+        elements = CPU_BLOCK_ELEMENTS * (1 if workers is not None else torch.get_num_threads())
     count = max(1, min(rows // MIN_BLOCK_ROWS, rows * cols // elements))
     bounds = [rows * i // count for i in range(count + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
@@ -435,29 +448,37 @@ def _low_rank_blocked(
     On a CPU the blocks are shared among `workers`, threads whose torch ops run single-threaded (see
     `_compute_workers`)."""
     rows, cols = stored.shape
-    blocks = row_blocks(rows, cols, stored.device)
+    blocks = row_blocks(rows, cols, stored.device, workers)
     step = sample_step(stored)
     outputs = [torch.empty(stored.shape, dtype=dtype, device=stored.device) for _ in results]
 
     def update(share: Sequence[tuple[int, int]]) -> list[tuple[RoundingReport, bool]]:
         """Compute these blocks for every result: per result, the blocks' rounding report and whether
-        every block came out unchanged. The report samples the tensor's rows 0, step, 2·step, ..."""
+        every block came out unchanged. The report samples the tensor's rows 0, step, 2·step, ...: the
+        blocks' sampled target rows are gathered as they pass, the statistics taken once at the end."""
         longest = max(end - start for start, end in share)
         base_block = torch.empty(longest, cols, dtype=torch.float32, device=stored.device)
         target_block = torch.empty_like(base_block)
-        reports = [RoundingReport() for _ in results]
+        sampled_rows = torch.tensor([row for start, end in share for row in range(start + -start % step, end, step)], dtype=torch.long, device=stored.device)
+        sampled_targets = [torch.empty(len(sampled_rows), cols, device=stored.device) for _ in results]
         unchanged = [True] * len(results)
+        done = 0
         for start, end in share:
             base = base_block[: end - start].copy_(stored[start:end])
             first = -start % step  # the block's first sampled row
-            base_rounded = stored[start + first : end : step].to(dtype)
+            count = len(range(first, end - start, step))
             for k, ((left, right), result) in enumerate(zip(factors, results)):
                 target = torch.addmm(base, left[start:end], right, out=target_block[: end - start])
                 _refuse_non_finite(tensor, result, target)
-                rounded = outputs[k][start:end]
-                rounded.copy_(target)
-                reports[k].add_sample(step, base[first::step], target[first::step], rounded[first::step], base_rounded)
+                outputs[k][start:end].copy_(target)
+                sampled_targets[k][done : done + count].copy_(target[first::step])
                 unchanged[k] = unchanged[k] and torch.equal(target, base)
+            done += count
+        reports = [RoundingReport() for _ in results]
+        sampled_stored = stored[sampled_rows]
+        base_sample, stored_rounded = sampled_stored.float(), sampled_stored.to(dtype)
+        for k, report in enumerate(reports):
+            report.add_sample(step, base_sample, sampled_targets[k], outputs[k][sampled_rows], stored_rounded)
         return list(zip(reports, unchanged))
 
     if workers is None:
