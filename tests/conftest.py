@@ -31,14 +31,70 @@ def tiny_config(arch: str):
         return tf.GemmaConfig(**common, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    if arch in TINY_MULTIMODAL or arch in TINY_MOE:
+        return (TINY_MULTIMODAL | TINY_MOE)[arch](tf)
     raise ValueError(arch)
 
 
+# Smaller still (hidden 32, one vision layer): the architecture × adapter table has many of these.
+_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+_MROPE = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}
+_QWEN_VL_TOKENS = dict(image_token_id=120, video_token_id=121, vision_start_token_id=122)
+TINY_MULTIMODAL = {
+    "qwen2_vl": lambda tf: tf.Qwen2VLConfig(
+        text_config=dict(**_TEXT, rope_parameters=_MROPE),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=2, spatial_merge_size=1, temporal_patch_size=1),
+        **_QWEN_VL_TOKENS,
+    ),
+    "qwen2_5_vl": lambda tf: tf.Qwen2_5_VLConfig(
+        text_config=dict(**_TEXT, rope_parameters=_MROPE),
+        vision_config=dict(depth=1, hidden_size=16, out_hidden_size=32, intermediate_size=32, num_heads=2, patch_size=2,
+                           spatial_merge_size=1, temporal_patch_size=1, window_size=4, fullatt_block_indexes=[0]),
+        **_QWEN_VL_TOKENS,
+    ),
+    "qwen3_vl": lambda tf: tf.Qwen3VLConfig(
+        text_config=dict(**_TEXT, head_dim=8, rope_parameters={**_MROPE, "mrope_interleaved": True}),
+        vision_config=dict(depth=1, hidden_size=16, out_hidden_size=32, intermediate_size=32, num_heads=2, patch_size=2,
+                           spatial_merge_size=1, temporal_patch_size=1, num_position_embeddings=16, deepstack_visual_indexes=[0]),
+        **_QWEN_VL_TOKENS,
+    ),
+    "gemma3": lambda tf: tf.Gemma3Config(
+        text_config=dict(**_TEXT, head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=2),
+        mm_tokens_per_image=4, image_token_index=120, boi_token_index=121, eoi_token_index=122,
+    ),
+    "llava": lambda tf: tf.LlavaConfig(
+        text_config=tf.LlamaConfig(**_TEXT),
+        vision_config=tf.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=2),
+        image_token_index=120,
+    ),
+    "mistral3": lambda tf: tf.Mistral3Config(
+        text_config=dict(model_type="mistral", **_TEXT, head_dim=8),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=8, patch_size=2, head_dim=8),
+        image_token_index=120, spatial_merge_size=1,
+    ),
+}
+_EXPERTS = dict(num_experts_per_tok=2)
+TINY_MOE = {
+    "mixtral": lambda tf: tf.MixtralConfig(**_TEXT, num_local_experts=4, **_EXPERTS),
+    "qwen2_moe": lambda tf: tf.Qwen2MoeConfig(**_TEXT, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32, **_EXPERTS),
+    "qwen3_moe": lambda tf: tf.Qwen3MoeConfig(**_TEXT, num_experts=4, moe_intermediate_size=32, head_dim=8, **_EXPERTS),
+    "gpt_oss": lambda tf: tf.GptOssConfig(**_TEXT, num_local_experts=4, head_dim=8, layer_types=["full_attention"] * 2, **_EXPERTS),
+    "deepseek_v3": lambda tf: tf.DeepseekV3Config(
+        **{**_TEXT, "num_key_value_heads": 4}, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1,
+        n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, **_EXPERTS,
+    ),
+}
+
+
 def build_base(arch: str, folder: Path, *, shard_size: str | None = None, dtype=torch.float32, seed: int = 0) -> Path:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch)).to(dtype)
+    config = tiny_config(arch)
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    model = auto.from_config(config).to(dtype)
     with torch.no_grad():  # random biases, so bias handling is tested for real
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
@@ -70,9 +126,11 @@ def _variant(arch: str) -> dict:
 
 
 def load_base(path: Path):
-    from transformers import AutoModelForCausalLM
+    """The class config.json names (a VLM loads as its ...ForConditionalGeneration)."""
+    import transformers
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    architecture = json.loads((Path(path) / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, architecture).from_pretrained(path, dtype=torch.float32)
 
 
 def perturb(model, scale: float = 0.1, seed: int = 1, around_one: tuple[str, ...] = ()) -> None:

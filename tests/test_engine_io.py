@@ -63,6 +63,11 @@ def test_row_blocks_cover_every_row_in_blocks_of_at_least_eight(rows, monkeypatc
     assert all(end - start >= min(rows, engine.MIN_BLOCK_ROWS) for start, end in blocks)
 
 
+def _one_step(coeff: float) -> SimpleNamespace:
+    """What the blocked path reads of an Edit: its steps' coeffs (for the error message)."""
+    return SimpleNamespace(steps=(SimpleNamespace(coeff=coeff),))
+
+
 def _stats_by_hand(base: torch.Tensor, target: torch.Tensor, rounded: torch.Tensor, step: int) -> tuple[float, float, float, float]:
     """Every step-th row, weighted by step (RoundingReport's documented estimate), in float64."""
     b, t, r = base[::step].double(), target[::step].double(), rounded[::step]
@@ -79,10 +84,11 @@ def test_row_block_update_is_the_unblocked_formula_bit_for_bit(workers, monkeypa
     generator = torch.Generator().manual_seed(0)
     stored = (torch.randn(333, 96, generator=generator) * 0.02).bfloat16()
     factors = [(torch.randn(333, 4, generator=generator) * s, torch.randn(4, 96, generator=generator) * 1e-3) for s in (1.0, -0.01)]
-    results = [SimpleNamespace(coeff=c, rounding=RoundingReport(), changed_tensors=[]) for c in (1.0, -0.01)]
+    edits = [_one_step(c) for c in (1.0, -0.01)]
+    results = [SimpleNamespace(rounding=RoundingReport(), changed_tensors=[]) for _ in edits]
     tensor = SimpleNamespace(name="w")
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        outputs = engine._low_rank_blocked(tensor, stored, factors, results, torch.bfloat16, pool if workers else None)
+        outputs = engine._low_rank_blocked(tensor, stored, factors, edits, results, torch.bfloat16, pool if workers else None)
     step = 333 * 96 // 2000
     for (left, right), output, result in zip(factors, outputs, results):
         target = torch.addmm(stored.float(), left, right)
@@ -98,9 +104,9 @@ def test_row_block_update_is_the_unblocked_formula_bit_for_bit(workers, monkeypa
 def test_non_finite_block_is_refused():
     stored = torch.zeros(64, 8, dtype=torch.bfloat16)
     left, right = torch.ones(64, 1), torch.full((1, 8), float("inf"))
-    result = SimpleNamespace(coeff=2.0, rounding=RoundingReport(), changed_tensors=[])
-    with ThreadPoolExecutor(2) as pool, pytest.raises(weightsteer.AdapterError, match="Merging w at coeff 2.0 gives NaN or inf"):
-        engine._low_rank_blocked(SimpleNamespace(name="w"), stored, [(left, right)], [result], torch.bfloat16, pool)
+    result = SimpleNamespace(rounding=RoundingReport(), changed_tensors=[])
+    with ThreadPoolExecutor(2) as pool, pytest.raises(weightsteer.AdapterError, match="Merging w at coeff 2 gives NaN or inf"):
+        engine._low_rank_blocked(SimpleNamespace(name="w"), stored, [(left, right)], [_one_step(2.0)], [result], torch.bfloat16, pool)
 
 
 @pytest.fixture
@@ -118,9 +124,13 @@ def test_sharded_bf16_merge_of_several_coeffs_matches_peft_and_the_full_tensor_p
     base = build_base("llama", tmp_path / "base", shard_size="60KB", dtype=torch.bfloat16)
     assert len(list(base.glob("*.safetensors"))) > 1
     adapter = make_adapter(base, tmp_path / "adapter", DeloraConfig(r=4, delora_lambda=2, target_modules=TARGETS))
+    low_rank_blocked = engine._low_rank_blocked
     coeffs = (0.5, -1.0, 0.0)
     outs = {c: tmp_path / f"c{c:g}" for c in coeffs}
+    blocked = []
+    monkeypatch.setattr(engine, "_low_rank_blocked", lambda tensor, *args: blocked.append(tensor.name) or low_rank_blocked(tensor, *args))
     results = weightsteer.merge_many(adapter, outs, base=base)
+    assert len(blocked) == 7 * 2  # every projection of both layers took the row-block path
     assert_base_identical(base, outs[0.0])
     peft_model = PeftModel.from_pretrained(load_base(base), adapter)
     stored = {k: v for f in base.glob("*.safetensors") for k, v in load_file(f).items()}

@@ -12,6 +12,7 @@ from .errors import (  # noqa: E402
     BaseModelError,
     OutputError,
     PushError,
+    RecipeError,
     SchemeError,
     UnsupportedAdapterError,
     VerificationError,
@@ -26,6 +27,8 @@ _LAZY = {
     "merge_many": "merge",
     "MergeResult": "merge",
     "RoundingReport": "merge",
+    "Steer": "merge",
+    "build": "recipe",
     "scaled": "runtime",
     "verify": "verify",
     "VerifyReport": "verify",
@@ -35,7 +38,8 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .hub import push
-    from .merge import MergeResult, RoundingReport, merge, merge_many
+    from .merge import MergeResult, RoundingReport, Steer, merge, merge_many
+    from .recipe import build
     from .runtime import scaled
     from .verify import LogitsCheck, TensorCheck, VerifyReport, verify
 
@@ -69,6 +73,8 @@ __all__ = [
     "__version__",
     "merge",
     "merge_many",
+    "build",
+    "Steer",
     "scaled",
     "verify",
     "push",
@@ -85,4 +91,5 @@ __all__ = [
     "OutputError",
     "VerificationError",
     "PushError",
+    "RecipeError",
 ]

@@ -61,11 +61,19 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("adapter")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[@COEFF]...")
 @click.option("-o", "--output", required=True, help="Output folder. With several --coeff: OUTPUT-c<coeff>, or use {coeff} in it.")
-@click.option("-c", "--coeff", "coeffs", type=float, multiple=True, default=(1.0,), show_default=True, help="Strength; repeat for several checkpoints from one read of the base.")
-@click.option("--base", help="Base model folder or Hub repo id [default: the adapter's base_model_name_or_path].")
-@click.option("--scheme", help="How coeff is read (see `weightsteer schemes`) [default: linear].")
+@click.option("-c", "--coeff", "coeffs", type=float, multiple=True, help="Strength; repeat for several checkpoints from one read of the base [default: 1].")
+@click.option("--base", help="Base model folder or Hub repo id [default: the adapters' base_model_name_or_path].")
+@click.option("--scheme", help="How coeff is read (see `weightsteer schemes`), for every adapter [default: linear].")
+@click.option(
+    "--compose",
+    type=click.Choice(["chain", "sum"]),
+    default="chain",
+    show_default=True,
+    help="Several adapters: chain applies them in order (one family adds up as PEFT runs them together); "
+    "sum is W + Σ (Wᵢ − W), each against the base.",
+)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype [default: the base's].")
 @click.option("--device", default="cpu", show_default=True, help="Where the math runs, e.g. cuda.")
 @click.option("--task-id", type=int, help="Poly adapters: the task whose skill mix is baked in.")
@@ -88,36 +96,53 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
 @_fail_cleanly
 def merge(
-    adapter, output, coeffs, base, scheme, dtype, device, task_id, overwrite, verify_mode, push_to, private, revision, create_pr,
-    gguf, outtype, llama_cpp, quiet, as_json
+    adapters, output, coeffs, base, scheme, compose, dtype, device, task_id, overwrite, verify_mode, push_to, private, revision,
+    create_pr, gguf, outtype, llama_cpp, quiet, as_json
 ) -> None:
     """Merge ADAPTER (folder or Hub repo id) into its base model and write standalone checkpoints.
+
+    Several adapters, each at its own coeff (ADAPTER@COEFF), make one checkpoint from one pass; for many
+    such checkpoints from one read of the base, write a recipe (`weightsteer build`).
 
     \b
     Examples:
       weightsteer merge ./honest-adapter --coeff 0.5 -o ./model-honest
       weightsteer merge ./honest-adapter --coeff -1 --coeff 1 -o ./model-honest
+      weightsteer merge ./honest@0.5 ./formal@-0.3 -o ./honest-formal
+      weightsteer merge ./pos@1 ./neg@-1 -o ./contrast
       weightsteer merge user/ia3-adapter --scheme power --coeff -1 -o ./inverse --base ./base-model
       weightsteer merge ./honest-adapter --coeff 0.5 -o ./model-honest --verify
       weightsteer merge ./honest-adapter --coeff 0.5 -o ./model-honest --push user/model-honest --private
       weightsteer merge ./honest-adapter --coeff -1 --coeff 1 -o ./model-honest --gguf --outtype q8_0
     """
-    from .pipeline import merge_and_publish
+    from .merge import Steer, Target
+    from .pipeline import publish_targets
 
-    paths = output_paths(output, coeffs)
-    repos = _push_targets(push_to, coeffs, private=private, revision=revision, create_pr=create_pr)
+    terms = [_term(a) for a in adapters]
+    if len(terms) == 1 and terms[0][1] is None:
+        paths = output_paths(output, coeffs or (1.0,))
+        repos = _push_targets(push_to, tuple(paths), private=private, revision=revision, create_pr=create_pr)
+        targets = [Target(path, (Steer(terms[0][0], c, scheme),), compose) for c, path in paths.items()]
+        pushes = [repos.get(c) for c in paths]
+    else:
+        if coeffs:
+            raise click.UsageError(
+                "--coeff goes with a single ADAPTER; give each of several adapters its own coeff as ADAPTER@COEFF "
+                "(e.g. ./honest@0.5 ./formal@-0.3), or write a recipe for many outputs (`weightsteer build --help`)."
+            )
+        steers = tuple(Steer(ref, 1.0 if c is None else c, scheme) for ref, c in terms)
+        targets = [Target(Path(output), steers, compose)]
+        pushes = [_push_targets(push_to, (None,), private=private, revision=revision, create_pr=create_pr).get(None)]
     progress = not (quiet or as_json)
-    published = merge_and_publish(
-        adapter,
-        paths,
+    published = publish_targets(
+        targets,
+        pushes,
         base=base,
-        scheme=scheme,
         dtype=dtype,
         device=device,
         task_id=task_id,
         overwrite=overwrite,
         verify_outputs=verify_mode,
-        push_to=repos,
         private=private,
         revision=revision,
         create_pr=create_pr,
@@ -126,6 +151,23 @@ def merge(
         llama_cpp=llama_cpp,
         progress=progress,
     )
+    _report(published, outtype, quiet, as_json)
+
+
+def _term(argument: str) -> tuple[str, float | None]:
+    """ADAPTER@COEFF → (ADAPTER, COEFF); a plain ADAPTER (or an existing folder whose name has an @) → (ADAPTER, None)."""
+    ref, at, coeff = argument.rpartition("@")
+    if not at or Path(argument).exists():
+        return argument, None
+    try:
+        return ref, float(coeff)
+    except ValueError:
+        raise click.BadParameter(
+            f"{argument!r}: ADAPTER@COEFF needs a number after the last @ (e.g. ./honest@0.5)", param_hint="ADAPTER"
+        ) from None
+
+
+def _report(published: list[Published], outtype: str, quiet: bool, as_json: bool) -> None:
     for item in published:
         for warning in item.merge.warnings:
             click.secho(f"warning: {warning}", fg="yellow", err=True)
@@ -136,12 +178,78 @@ def merge(
             _print_published(item, outtype)
 
 
+@main.command("build")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--device", default="cpu", show_default=True, help="Where the math runs, e.g. cuda.")
+@click.option("--overwrite", is_flag=True, help="Replace existing output folders.")
+@click.option(
+    "--verify/--no-verify",
+    "verify_mode",
+    default=None,
+    help="Verify every output [default: only those with push:]; a failed verification pushes nothing.",
+)
+@click.option("--private", is_flag=True, help="Outputs with push: create the repos private.")
+@click.option("--revision", metavar="BRANCH", help="Outputs with push: push to this branch.")
+@click.option("--create-pr", is_flag=True, help="Outputs with push: open pull requests instead of committing to main.")
+@click.option("--gguf", is_flag=True, help="Also convert each output to GGUF with llama.cpp's converter.")
+@click.option("--outtype", type=click.Choice(OUTTYPES), default="f32", show_default=True, help="With --gguf: GGUF tensor type.")
+@click.option("--llama-cpp", metavar="DIR", help="With --gguf: llama.cpp source folder with convert_hf_to_gguf.py.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
+@_fail_cleanly
+def build_command(recipe, device, overwrite, verify_mode, private, revision, create_pr, gguf, outtype, llama_cpp, quiet, as_json) -> None:
+    """Write every output of RECIPE (YAML, or JSON with the same keys) from one read of the base.
+
+    Each output lists adapters, each at its own coeff (and scheme); outputs with push: are verified, then
+    pushed. Relative paths are relative to the recipe file. Every key, path and coeff is checked first.
+
+    \b
+    Example recipe:
+      base: ./base                # optional: the adapters' common base by default
+      dtype: bfloat16             # optional
+      compose: chain              # optional: chain (default) or sum; an output may set its own
+      outputs:
+        - path: ./honest-formal
+          adapters:
+            - {adapter: ./honest, coeff: 0.5}
+            - {adapter: ./formal, coeff: -0.3, scheme: linear}
+        - path: ./honest
+          adapters:
+            - {adapter: ./honest, coeff: 1.0}
+          push: user/model-honest
+    """
+    from .pipeline import publish_targets
+    from .recipe import load_recipe
+
+    parsed = load_recipe(recipe)
+    published = publish_targets(
+        parsed.targets,
+        parsed.pushes,
+        base=parsed.base,
+        dtype=parsed.dtype,
+        device=device,
+        overwrite=overwrite,
+        verify_outputs=verify_mode,
+        private=private,
+        revision=revision,
+        create_pr=create_pr,
+        gguf=gguf,
+        outtype=outtype,
+        llama_cpp=llama_cpp,
+        progress=not (quiet or as_json),
+    )
+    _report(published, outtype, quiet, as_json)
+
+
 def _print_published(item: Published, outtype: str) -> None:
     from .pipeline import worst_ratio
 
     r = item.merge
+    what = f"coeff {r.coeff:g}, scheme {r.scheme}" if r.coeff is not None else " + ".join(
+        f"{t.adapter}@{t.coeff:g} ({t.scheme})" for t in r.terms
+    )
     click.echo(
-        f"wrote {r.path}  (coeff {r.coeff:g}, scheme {r.scheme}, {len(r.changed_tensors)} tensors changed; "
+        f"wrote {r.path}  ({what}, {len(r.changed_tensors)} tensors changed; "
         f"{r.rounding.swallowed_share:.1%} of changed elements lost to rounding)"
     )
     if item.gguf:
@@ -153,8 +261,8 @@ def _print_published(item: Published, outtype: str) -> None:
 
 
 def _push_targets(
-    push_to: str | None, coeffs: tuple[float, ...], *, private: bool, revision: str | None, create_pr: bool
-) -> dict[float, str]:
+    push_to: str | None, coeffs: tuple[float | None, ...], *, private: bool, revision: str | None, create_pr: bool
+) -> dict[float | None, str]:
     """Repo id per coeff (checked by the pipeline before any merge work starts)."""
     if push_to is None:
         if private or revision or create_pr:
@@ -302,11 +410,12 @@ def gguf_command(model, output, outtype, lora_base, llama_cpp, python, overwrite
 
 
 @main.command("export-lora")
-@click.argument("adapter")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[@COEFF]...")
 @click.option("-o", "--output", required=True, help="Output folder (a PEFT LoRA adapter).")
-@click.option("-c", "--coeff", type=float, default=1.0, show_default=True, help="Strength baked into the LoRA.")
-@click.option("--base", help="Base model folder or Hub repo id [default: the adapter's base_model_name_or_path].")
-@click.option("--scheme", help="How coeff is read (see `weightsteer schemes`) [default: linear].")
+@click.option("-c", "--coeff", type=float, help="Strength baked into the LoRA (one ADAPTER) [default: 1].")
+@click.option("--base", help="Base model folder or Hub repo id [default: the adapters' base_model_name_or_path].")
+@click.option("--scheme", help="How coeff is read (see `weightsteer schemes`), for every adapter [default: linear].")
+@click.option("--compose", type=click.Choice(["chain", "sum"]), default="chain", show_default=True, help="Several adapters: as for merge.")
 @click.option("--rank", type=int, help="At most this rank per module (truncated SVD where a module's change has more).")
 @click.option("--energy", type=float, help="Per module, the smallest rank keeping this share of ‖ΔW‖² (0 < E ≤ 1) [default: exact factors whole; an SVD keeps its numerical rank if ≤ 64, else 0.99].")
 @click.option("--task-id", type=int, help="Poly adapters: the task whose skill mix is exported.")
@@ -317,11 +426,15 @@ def gguf_command(model, output, outtype, lora_base, llama_cpp, python, overwrite
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
 @_fail_cleanly
-def export_lora_command(adapter, output, coeff, base, scheme, rank, energy, task_id, gguf, outtype, llama_cpp, overwrite, quiet, as_json) -> None:
+def export_lora_command(
+    adapters, output, coeff, base, scheme, compose, rank, energy, task_id, gguf, outtype, llama_cpp, overwrite, quiet, as_json
+) -> None:
     """Write ADAPTER at COEFF as a plain PEFT LoRA, for runtimes that steer with LoRAs (vLLM, llama.cpp).
 
     Low-rank changes (LoRA, rsLoRA, DeLoRA, VeRA, AdaLoRA, LoHa, ...) are factored exactly; others (IA3, RoAd,
-    OFT, DoRA with its magnitude, ...) by a truncated SVD whose relative error is reported per module. Every
+    OFT, DoRA with its magnitude, ...) by a truncated SVD whose relative error is reported per module. Several
+    adapters (ADAPTER@COEFF) give one LoRA of their composition: exact factors concatenated where every term is
+    low-rank (rank Σ rᵢ), an SVD of the composed change otherwise. Every
     module gets the same rank and scale 1 (lora_alpha = r). Where the change is linear in coeff (the linear
     scheme of LoRA, DeLoRA, VeRA, IA3, ...), a runtime LoRA scale s acts as coeff s·COEFF, negative too.
 
@@ -330,20 +443,30 @@ def export_lora_command(adapter, output, coeff, base, scheme, rank, energy, task
       weightsteer export-lora ./honest-adapter -o ./honest-lora
       weightsteer export-lora ./honest-dora -o ./honest-lora --coeff -1 --energy 0.999
       weightsteer export-lora ./honest-ia3 -o ./honest-lora --rank 32 --gguf --base ./base-model
+      weightsteer export-lora ./honest@0.5 ./formal@-0.3 -o ./honest-formal-lora
       vllm serve ./base-model --enable-lora --lora-modules honest=./honest-lora
       llama-cli -m base.gguf --lora-scaled honest-lora-f32.gguf:-1 -p "..."
     """
     from .export import export_lora
     from .llamacpp import check_converter, convert_lora
+    from .merge import Steer
 
+    terms = [_term(a) for a in adapters]
+    if len(terms) > 1 or terms[0][1] is not None:
+        if coeff is not None:
+            raise click.UsageError("--coeff goes with a single ADAPTER; give each adapter its coeff as ADAPTER@COEFF.")
+        adapter = [Steer(ref, 1.0 if c is None else c) for ref, c in terms]
+    else:
+        adapter = terms[0][0]
     if gguf:
         check_converter(llama_cpp)
     result = export_lora(
         adapter,
         output,
-        coeff=coeff,
+        coeff=1.0 if coeff is None else coeff,
         base=base,
         scheme=scheme,
+        compose=compose,
         rank=rank,
         energy=energy,
         task_id=task_id,

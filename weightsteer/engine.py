@@ -23,13 +23,12 @@ from tqdm.auto import tqdm
 
 from .checkpoint import DTYPES, ShardWriter, TensorInfo, read_tensor
 from .errors import AdapterError
-from .planner import MergePlan, OutputTensor
+from .planner import Composition, Edit, MergePlan, OutputTensor
 
 
 class StreamTarget(Protocol):
     """What the engine fills in for one output (a MergeResult)."""
 
-    coeff: float
     changed_tensors: list[str]
     rounding: "RoundingReport"
     seconds: dict[str, float]
@@ -129,15 +128,26 @@ class _PhaseClock:
             self.seconds[phase] += time.perf_counter() - start
 
 
-def stream(plan: MergePlan, results: Sequence[StreamTarget], stagings: Sequence[Path], device: torch.device, progress: bool) -> None:
-    """Write every output shard of every result into its staging folder."""
+def stream(
+    plan: MergePlan,
+    compositions: Sequence[Composition],
+    results: Sequence[StreamTarget],
+    stagings: Sequence[Path],
+    device: torch.device,
+    progress: bool,
+) -> None:
+    """Write every output shard of every result (one per composition) into its staging folder, from one
+    read of the base: each tensor is read once and computed for every output that changes it."""
     if device.type == "cpu":
         _keep_freed_memory_for_reuse()
     moved: dict[int, torch.Tensor] = {}
+    edits: dict[str, list[Edit | None]] = {}
     for tensor in plan.edited:
-        tensor.edit.to(device, moved)
+        for change in tensor.changes.values():
+            change.to(device, moved)
+        edits[tensor.name] = [plan.edit(tensor, composition) for composition in compositions]
     ordered = [t for tensors in plan.shards.values() for t in tensors]
-    computed = [t for t in ordered if _needs_read(plan, t, results)]
+    computed = [t for t in ordered if _needs_read(t, edits)]
     clock = _PhaseClock()
     # On a GPU, one page-locked buffer for reads and one for writes make host↔device copies fast.
     largest = max((max(t.source.nbytes, t.nbytes) for t in computed), default=0)
@@ -161,8 +171,8 @@ def stream(plan: MergePlan, results: Sequence[StreamTarget], stagings: Sequence[
                 shard_writers = [ShardWriter(staging / shard, layout, metadata) for staging in stagings]
                 opened += shard_writers
                 for tensor in tensors:
-                    if _needs_read(plan, tensor, results):
-                        outputs = _outputs(plan, tensor, reads.next(), results, clock, workers)
+                    if _needs_read(tensor, edits):
+                        outputs = _outputs(tensor, edits.get(tensor.name), reads.next(), results, clock, workers)
                         nbytes = sum(o.numel() * o.element_size() for o in outputs)
                         writes.submit(nbytes, _write_all, shard_writers, tensor.name, outputs, clock, pinned[1])
                     else:
@@ -314,8 +324,8 @@ def _advise_requests(infos: Sequence[TensorInfo]):
             yield path, start + offset, min(ADVISE_BYTES, length - offset)
 
 
-def _needs_read(plan: MergePlan, tensor: OutputTensor, results: Sequence[StreamTarget]) -> bool:
-    edited = tensor.edit is not None and any(not is_base(plan, r.coeff) for r in results)
+def _needs_read(tensor: OutputTensor, edits: dict[str, list[Edit | None]]) -> bool:
+    edited = any(edit is not None for edit in edits.get(tensor.name, ()))
     return edited or tensor.dtype != tensor.source.dtype
 
 
@@ -330,8 +340,8 @@ def _read(
 
 
 def _outputs(
-    plan: MergePlan,
     tensor: OutputTensor,
+    edits: list[Edit | None] | None,
     stored: torch.Tensor,
     results: Sequence[StreamTarget],
     clock: _PhaseClock,
@@ -340,18 +350,19 @@ def _outputs(
     """One output tensor per result, each rounded once from fp32 to the output dtype; updates the reports."""
     dtype = DTYPES[tensor.dtype]
     with clock("compute"):
-        edited = [r for r in results if tensor.edit is not None and not is_base(plan, r.coeff)]
-        factors = [_row_factors(tensor, plan, r.coeff, stored) for r in edited]
+        edited = [(edit, result) for edit, result in zip(edits or [None] * len(results), results) if edit is not None]
+        factors = [_row_factors(edit, stored) for edit, _ in edited]
+        base_rounded = None
         if edited and all(f is not None for f in factors):
-            merged = dict(zip(map(id, edited), _low_rank_blocked(tensor, stored, factors, edited, dtype, workers)))
-            base_rounded = None
+            merged = _low_rank_blocked(tensor, stored, factors, *zip(*edited), dtype, workers)
         else:
             base = stored.float()
             base_rounded = stored.to(dtype)
-            merged = {id(r): _merged(tensor, base, base_rounded, plan, r) for r in edited}
-        if len(merged) < len(results) and base_rounded is None:
+            merged = [_merged(tensor, edit, base, base_rounded, result) for edit, result in edited]
+        by_result = {id(result): output for (_, result), output in zip(edited, merged)}
+        if len(by_result) < len(results) and base_rounded is None:
             base_rounded = stored.to(dtype)
-        return [merged.get(id(r), base_rounded) for r in results]
+        return [by_result.get(id(result), base_rounded) for result in results]
 
 
 def _write_all(
@@ -373,10 +384,10 @@ def _close_all(writers: Sequence[ShardWriter]) -> None:
         writer.close()
 
 
-def _merged(tensor: OutputTensor, base: torch.Tensor, base_rounded: torch.Tensor, plan: MergePlan, result: StreamTarget) -> torch.Tensor:
-    """The edited tensor at result.coeff, rounded once to the output dtype; updates the report."""
-    target = tensor.edit(base, plan.scheme, result.coeff)
-    _refuse_non_finite(tensor, result, target)
+def _merged(tensor: OutputTensor, edit: Edit, base: torch.Tensor, base_rounded: torch.Tensor, result: StreamTarget) -> torch.Tensor:
+    """The edited tensor (every step of the output's composition), rounded once to the output dtype; updates the report."""
+    target = edit(base)
+    _refuse_non_finite(tensor, edit, target)
     rounded = target.to(base_rounded.dtype)
     before = result.rounding.changed
     result.rounding.add(base, target, rounded, base_rounded)
@@ -385,9 +396,10 @@ def _merged(tensor: OutputTensor, base: torch.Tensor, base_rounded: torch.Tensor
     return rounded
 
 
-def _refuse_non_finite(tensor: OutputTensor, result: StreamTarget, target: torch.Tensor) -> None:
+def _refuse_non_finite(tensor: OutputTensor, edit: Edit, target: torch.Tensor) -> None:
     if not math.isfinite(float(target.sum())):  # one pass; NaN and inf survive a sum
-        raise AdapterError(f"Merging {tensor.name} at coeff {result.coeff} gives NaN or inf; check the adapter and coeff.")
+        coeffs = ", ".join(f"{step.coeff:g}" for step in edit.steps)
+        raise AdapterError(f"Merging {tensor.name} at coeff {coeffs} gives NaN or inf; check the adapter and coeff.")
 
 
 # ---- low-rank changes in row blocks ---------------------------------------------------------------
@@ -401,15 +413,19 @@ GPU_BLOCK_ELEMENTS = 1 << 28  # on a GPU every tensor of a real model is one blo
 MIN_BLOCK_ROWS = 8  # a matrix product over fewer rows may take another kernel (e.g. one row: gemv)
 
 
-def _row_factors(tensor: OutputTensor, plan: MergePlan, coeff: float, stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(L, R) with edit(W) = W + L R in the stored orientation, where the family's change at this coeff
-    is an exact product of small factors (AdapterFamily.low_rank); None where it is not."""
-    edit = tensor.edit
-    if edit.part != "weight" or plan.scheme.apply is None or stored.dim() != 2:
+def _row_factors(edit: Edit, stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(L, R) with edit(W) = W + L R in the stored orientation, where the edit is one adapter's change and
+    the family's change at that coeff is an exact product of small factors (AdapterFamily.low_rank);
+    None otherwise (compositions of several steps take the full-tensor path)."""
+    if len(edit.steps) != 1 or stored.dim() != 2:
         return None
-    transposed = edit.state.fan_in_fan_out
+    step = edit.steps[0]
+    change = step.change
+    if change.part != "weight" or step.scheme.apply is None:
+        return None
+    transposed = change.state.fan_in_fan_out
     shape = tuple(stored.T.shape if transposed else stored.shape)
-    factors = edit.family.low_rank(plan.scheme.apply(edit.state, coeff), shape)
+    factors = change.family.low_rank(step.scheme.apply(change.state, step.coeff), shape)
     if factors is None:
         return None
     left, right = factors
@@ -439,6 +455,7 @@ def _low_rank_blocked(
     tensor: OutputTensor,
     stored: torch.Tensor,
     factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    edits: Sequence[Edit],
     results: Sequence[StreamTarget],
     dtype: torch.dtype,
     workers: ThreadPoolExecutor | None,
@@ -467,9 +484,9 @@ def _low_rank_blocked(
             base = base_block[: end - start].copy_(stored[start:end])
             first = -start % step  # the block's first sampled row
             count = len(range(first, end - start, step))
-            for k, ((left, right), result) in enumerate(zip(factors, results)):
+            for k, ((left, right), edit) in enumerate(zip(factors, edits)):
                 target = torch.addmm(base, left[start:end], right, out=target_block[: end - start])
-                _refuse_non_finite(tensor, result, target)
+                _refuse_non_finite(tensor, edit, target)
                 outputs[k][start:end].copy_(target)
                 sampled_targets[k][done : done + count].copy_(target[first::step])
                 unchanged[k] = unchanged[k] and torch.equal(target, base)
@@ -494,6 +511,3 @@ def _low_rank_blocked(
             result.changed_tensors.append(tensor.name)
     return outputs
 
-
-def is_base(plan: MergePlan, coeff: float) -> bool:
-    return coeff == 0 and plan.scheme.base_at_zero

@@ -41,3 +41,7 @@ class ExportError(WeightsteerError):
 
 class ConverterError(WeightsteerError):
     """An external converter (llama.cpp's convert_hf_to_gguf.py, convert_lora_to_gguf.py) is missing or failed."""
+
+
+class RecipeError(WeightsteerError):
+    """A recipe file is malformed: an unknown key, a missing path, a coeff that is not a number, ..."""

@@ -14,7 +14,7 @@ from .adapters.base import split_keys
 from .checkpoint import Checkpoint
 from .errors import AdapterError, UnsupportedAdapterError
 from .resolve import resolve
-from .planner import plan_merge
+from .planner import Composition, Term, plan_merge
 
 
 @dataclass
@@ -74,11 +74,12 @@ def inspect(adapter: str | Path, base: str | Path | None = None) -> AdapterRepor
 
 
 def _changes(adapter, checkpoint: Checkpoint, scheme) -> list[TensorChange]:
-    plan = plan_merge(checkpoint, adapter, scheme, options={"task_id": 0})
+    plan = plan_merge(checkpoint, adapter, options={"task_id": 0})
+    at_one = Composition((Term(0, 1.0, scheme),))
     changes = []
     for tensor in plan.edited:
         weight = checkpoint.read(tensor.source.name).float()
-        delta = tensor.edit(weight, scheme, 1.0) - weight
+        delta = plan.edit(tensor, at_one)(weight) - weight
         norm = float(torch.linalg.vector_norm(weight))
         changes.append(TensorChange(tensor.name, tensor.shape, float(torch.linalg.vector_norm(delta)) / norm if norm else math.inf))
     return changes

@@ -1,4 +1,5 @@
-"""The merge API: load the adapter, plan from the base's headers, stream, and publish one checkpoint per coeff."""
+"""The merge API: load the adapters, plan from the base's headers, stream, and publish one checkpoint per output
+(per coeff of one adapter, or per composition of several adapters each at its own coeff)."""
 
 from __future__ import annotations
 
@@ -6,34 +7,65 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
-from .adapters import load_adapter
+from .adapters import Adapter, load_adapter
 from .checkpoint import DTYPES, Checkpoint
 from .engine import RoundingReport, stream
-from .errors import BaseModelError, SchemeError
+from .errors import BaseModelError, OutputError, SchemeError
 from .outputs import check_output, publish, remove_quietly, staging_dir
-from .planner import MergePlan, plan_merge
+from .planner import COMPOSE_MODES, Composition, MergePlan, Term, plan_merge
 from .provenance import finish_output
 from .resolve import resolve
 
 PathLike = str | os.PathLike
 
 
+@dataclass(frozen=True)
+class Steer:
+    """One adapter at its own strength: a term of a composition."""
+
+    adapter: PathLike  # folder or Hub repo id
+    coeff: float = 1.0
+    scheme: str | None = None  # default: the family's default ("linear")
+
+
 @dataclass
-class MergeResult:
-    """One written checkpoint."""
+class Target:
+    """One output of a run: its folder and the terms it bakes in (see planner.Composition for `compose`)."""
 
     path: Path
+    steers: tuple[Steer, ...]
+    compose: str = "chain"
+
+
+@dataclass
+class TermResult:
+    """One term as written into an output: adapter (as named), type, coeff, scheme."""
+
+    adapter: str
+    adapter_type: str
     coeff: float
+    scheme: str
+
+
+@dataclass
+class MergeResult:
+    """One written checkpoint. coeff, scheme and adapter_type describe a one-adapter merge; a composition
+    lists every term in `terms` (coeff is then None, scheme and adapter_type join the terms' with "+")."""
+
+    path: Path
+    coeff: float | None
     scheme: str
     adapter_type: str
     changed_tensors: list[str] = field(default_factory=list)
     rounding: RoundingReport = field(default_factory=RoundingReport)
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # read / compute / write, shared by one run
+    terms: list[TermResult] = field(default_factory=list)
+    compose: str = "chain"
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -42,13 +74,17 @@ class MergeResult:
         return data
 
 
+Adapters = PathLike | Steer | Sequence[Steer]
+
+
 def merge(
-    adapter: PathLike,
+    adapter: Adapters,
     output: PathLike,
     *,
     coeff: float = 1.0,
     base: PathLike | None = None,
     scheme: str | None = None,
+    compose: str = "chain",
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     overwrite: bool = False,
@@ -57,22 +93,29 @@ def merge(
 ) -> Path:
     """Merge `adapter` into its base at strength `coeff` and write a standalone checkpoint to `output`.
 
-    `base` defaults to the adapter config's base_model_name_or_path; both may be local folders or Hub
-    repo ids. `scheme` picks how coeff is read (default "linear"; see `weightsteer schemes`).
-    `task_id` selects the task of a Poly adapter. Returns the output folder.
+    `adapter` is a folder or Hub repo id (at `coeff`, read by `scheme`), or a `Steer` or a list of them:
+    several adapters, each at its own coeff, in one pass (`compose`: "chain" or "sum", see the README).
+    `base` defaults to the adapters' common base_model_name_or_path; both may be local folders or Hub
+    repo ids. `scheme` picks how coeff is read (default "linear"; see `weightsteer schemes`); for Steers
+    it is the default of those that name none. `task_id` selects the task of a Poly adapter. Returns the
+    output folder.
     """
-    results = merge_many(
-        adapter,
-        {coeff: output},
-        base=base,
-        scheme=scheme,
-        dtype=dtype,
-        device=device,
-        overwrite=overwrite,
-        progress=progress,
-        task_id=task_id,
-    )
+    target = Target(Path(output), steers(adapter, coeff, scheme), compose)
+    results = merge_targets([target], base=base, dtype=dtype, device=device, overwrite=overwrite, progress=progress, task_id=task_id)
     return results[0].path
+
+
+def steers(adapter: Adapters, coeff: float = 1.0, scheme: str | None = None) -> tuple[Steer, ...]:
+    """The terms `adapter` names: a folder / repo id at coeff, a Steer, or a list of Steers."""
+    if isinstance(adapter, Steer):
+        items = [adapter]
+    elif isinstance(adapter, (str, os.PathLike)):
+        items = [Steer(adapter, coeff, scheme)]
+    else:
+        items = list(adapter)
+        if not items or not all(isinstance(item, Steer) for item in items):
+            raise SchemeError("Pass an adapter folder or repo id, a Steer, or a non-empty list of Steers.")
+    return tuple(Steer(s.adapter, finite_coeff(s.coeff), s.scheme or scheme) for s in items)
 
 
 def merge_many(
@@ -88,22 +131,44 @@ def merge_many(
     task_id: int | None = None,
 ) -> list[MergeResult]:
     """Like `merge`, for several coeffs at once: the base is read once, one checkpoint per coeff."""
-    targets = {finite_coeff(c): Path(p) for c, p in outputs.items()}
+    targets = [Target(Path(p), (Steer(adapter, finite_coeff(c), scheme),)) for c, p in outputs.items()]
     if not targets:
         raise SchemeError("Give at least one coeff.")
-    for path in targets.values():
+    return merge_targets(targets, base=base, dtype=dtype, device=device, overwrite=overwrite, progress=progress, task_id=task_id)
+
+
+def merge_targets(
+    targets: Sequence[Target],
+    *,
+    base: PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    task_id: int | None = None,
+) -> list[MergeResult]:
+    """Write every target from one read of the base: each base tensor is read once and computed for every
+    output whose terms change it. Everything is checked (paths, coeffs, schemes, shapes) before any work."""
+    paths = [t.path for t in targets]
+    for path in paths:
         check_output(path, overwrite)
-    plan, base_ref, options = open_plan(adapter, base=base, scheme=scheme, task_id=task_id, dtype=_torch_dtype(dtype))
-    loaded, chosen = plan.adapter, plan.scheme
-    results = [MergeResult(path, c, chosen.name, loaded.peft_type) for c, path in targets.items()]
-    for result in results:
-        if not chosen.base_at_zero and result.coeff == 0:
-            result.warnings.append(f"scheme {chosen.name} does not give the base model at coeff 0.")
+    if len(set(map(os.path.abspath, paths))) != len(paths):
+        raise OutputError("Two outputs have the same path; give every output its own folder.")
+    for target in targets:
+        if target.compose not in COMPOSE_MODES:
+            raise SchemeError(f"compose must be one of {', '.join(COMPOSE_MODES)}; got {target.compose!r}.")
+    opened = open_plan([s for t in targets for s in t.steers], base=base, task_id=task_id, dtype=_torch_dtype(dtype))
+    compositions, results = [], []
+    for target in targets:
+        terms = tuple(opened.term(s) for s in target.steers)
+        compositions.append(Composition(terms, target.compose))
+        results.append(_result(target, terms, opened))
     stagings = [staging_dir(r.path) for r in results]
+    plan = opened.plan
     try:
-        stream(plan, results, stagings, torch.device(device or "cpu"), progress)
-        for result, staging in zip(results, stagings):
-            finish_output(plan, loaded, str(adapter), base_ref, options, result, staging, results)
+        stream(plan, compositions, results, stagings, torch.device(device or "cpu"), progress)
+        for result, composition, staging in zip(results, compositions, stagings):
+            finish_output(plan, opened, composition, result, staging, results)
         for result, staging in zip(results, stagings):
             publish(staging, result.path)
     finally:
@@ -112,24 +177,69 @@ def merge_many(
     return results
 
 
+def _result(target: Target, terms: Sequence[Term], opened: "Opened") -> MergeResult:
+    records = [
+        TermResult(opened.refs[t.adapter], opened.plan.adapters[t.adapter].peft_type, t.coeff, t.scheme.name) for t in terms
+    ]
+    single = len(records) == 1
+    result = MergeResult(
+        target.path,
+        records[0].coeff if single else None,
+        "+".join(dict.fromkeys(r.scheme for r in records)),
+        "+".join(dict.fromkeys(r.adapter_type for r in records)),
+        terms=records,
+        compose=target.compose,
+    )
+    for term, record in zip(terms, records):
+        if not term.scheme.base_at_zero and term.coeff == 0:
+            result.warnings.append(f"scheme {term.scheme.name} does not give the base model at coeff 0 ({record.adapter}).")
+    return result
+
+
+@dataclass
+class Opened:
+    """A plan for a set of adapters, and how to name them: what open_plan returns."""
+
+    plan: MergePlan
+    refs: list[str]  # each adapter as the user named it, by index in plan.adapters
+    base_ref: str
+    options: dict[str, object]
+
+    def term(self, steer: Steer) -> Term:
+        index = self.refs.index(str(steer.adapter))
+        return Term(index, finite_coeff(steer.coeff), self.plan.adapters[index].family.scheme(steer.scheme))
+
+
 def open_plan(
-    adapter: PathLike,
+    adapters: PathLike | Sequence[Steer],
     *,
     base: PathLike | None = None,
-    scheme: str | None = None,
     task_id: int | None = None,
     dtype: torch.dtype | None = None,
-) -> tuple[MergePlan, str, dict[str, object]]:
-    """Load the adapter, read the base's headers and plan the change: (plan, base reference, options)."""
-    loaded = load_adapter(resolve(str(adapter), "adapter"))
-    base_ref = str(base if base is not None else loaded.base_model or "")
-    if not base_ref:
-        raise BaseModelError(f"{loaded.path}/adapter_config.json names no base_model_name_or_path; pass --base.")
-    if task_id is not None and "task_id" not in loaded.family.options:
-        raise SchemeError(f"--task-id applies to Poly adapters only; {loaded.path} is a {loaded.peft_type} adapter.")
+) -> Opened:
+    """Load the adapters (each once), read the base's headers and plan every change; schemes are checked too."""
+    items = steers(adapters)
+    refs = list(dict.fromkeys(str(s.adapter) for s in items))
+    loaded = [load_adapter(resolve(ref, "adapter")) for ref in refs]
+    base_ref = str(base) if base is not None else _common_base(refs, loaded)
+    if task_id is not None and not any("task_id" in a.family.options for a in loaded):
+        raise SchemeError(f"--task-id applies to Poly adapters only; {loaded[0].path} is a {loaded[0].peft_type} adapter.")
     options: dict[str, object] = {"task_id": task_id} if task_id is not None else {}
     checkpoint = Checkpoint(resolve(base_ref, "base"))
-    return plan_merge(checkpoint, loaded, loaded.family.scheme(scheme), dtype, options), base_ref, options
+    opened = Opened(plan_merge(checkpoint, loaded, dtype, options), refs, base_ref, options)
+    for steer in items:
+        opened.term(steer)  # an unknown scheme is refused before any work
+    return opened
+
+
+def _common_base(refs: Sequence[str], loaded: Sequence[Adapter]) -> str:
+    named = {ref: adapter.base_model for ref, adapter in zip(refs, loaded) if adapter.base_model}
+    if not named:
+        raise BaseModelError(f"{loaded[0].path}/adapter_config.json names no base_model_name_or_path; pass --base.")
+    if len(set(named.values())) > 1:
+        listing = "; ".join(f"{ref}: {b}" for ref, b in named.items())
+        raise BaseModelError(f"The adapters name different base models ({listing}); pass --base to choose one.")
+    return next(iter(named.values()))
 
 
 def finite_coeff(c: float) -> float:

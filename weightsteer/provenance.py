@@ -4,36 +4,35 @@ byte for byte, config patched minimally), the provenance record weightsteer.json
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from . import __version__
-from .adapters import Adapter
 from .card import base_license, write_card
 from .errors import AdapterError
 from .outputs import PROVENANCE_NAME, copy_support_files, write_index
-from .planner import MergePlan
+from .planner import Composition, MergePlan, Term
 from .resolve import snapshot_revision
 
 if TYPE_CHECKING:
-    from .merge import MergeResult
+    from .merge import MergeResult, Opened
 
 ROUNDING_WARN_SHARE = 0.25
 
 
 def finish_output(
     plan: MergePlan,
-    adapter: Adapter,
-    adapter_ref: str,
-    base_ref: str,
-    options: Mapping[str, object],
+    opened: "Opened",
+    composition: Composition,
     result: "MergeResult",
     staging: Path,
     results: Sequence["MergeResult"],
 ) -> None:
-    if not result.changed_tensors and result.coeff != 0:
+    if not result.changed_tensors and any(t.coeff != 0 for t in composition.terms):
+        named = ", ".join(f"{t.adapter} at coeff {t.coeff:g}" for t in result.terms)
         raise AdapterError(
-            f"Merging {adapter_ref} at coeff {result.coeff} changes no tensor: every delta is zero. "
+            f"Merging {named} changes no tensor: every delta is zero. "
             "Is the adapter still at its initialisation (e.g. LoRA B = 0)?"
         )
     out_dtype = {t.dtype for t in plan.edited} or {"unchanged"}
@@ -47,20 +46,36 @@ def finish_output(
         total = sum(t.nbytes for tensors in plan.shards.values() for t in tensors)
         write_index(staging, weight_map, total, plan.checkpoint.index.get("metadata", {}))
     copy_support_files(plan.checkpoint, staging, plan.config_patch)
+    terms = [_term_record(plan, opened, term) for term in composition.terms]
+    single = terms[0] if len(terms) == 1 else None
     provenance = {
         "weightsteer_version": __version__,
-        "adapter": adapter_ref,
-        "adapter_revision": snapshot_revision(adapter.path),
-        "adapter_type": adapter.peft_type,
-        "base_model": base_ref,
+        # A one-adapter merge keeps these top-level keys; a composition has None here and every term in "terms".
+        "adapter": single and single["adapter"],
+        "adapter_revision": single and single["adapter_revision"],
+        "adapter_type": single["adapter_type"] if single else result.adapter_type,
+        "base_model": opened.base_ref,
         "base_revision": snapshot_revision(plan.checkpoint.root),
         "base_license": base_license(plan.checkpoint.root),
-        "coeff": result.coeff,
-        "scheme": {"name": plan.scheme.name, "formula": plan.scheme.formula},
-        "options": dict(options),
+        "coeff": single and single["coeff"],
+        "scheme": single and single["scheme"],
+        "terms": terms,
+        "compose": composition.compose,
+        "options": dict(opened.options),
         "config_patch": plan.config_patch,
         "result": result.to_dict() | {"path": None},
-        "siblings": [{"coeff": r.coeff, "name": r.path.name} for r in results if r is not result],
+        "siblings": [{"coeff": r.coeff, "name": r.path.name, "terms": [asdict(t) for t in r.terms]} for r in results if r is not result],
     }
     (staging / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
     write_card(staging, title=result.path.name)
+
+
+def _term_record(plan: MergePlan, opened: "Opened", term: Term) -> dict:
+    adapter = plan.adapters[term.adapter]
+    return {
+        "adapter": opened.refs[term.adapter],
+        "adapter_revision": snapshot_revision(adapter.path),
+        "adapter_type": adapter.peft_type,
+        "coeff": term.coeff,
+        "scheme": {"name": term.scheme.name, "formula": term.scheme.formula},
+    }

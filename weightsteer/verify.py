@@ -18,7 +18,7 @@ import math
 import os
 import warnings
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -29,12 +29,12 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import Adapter, load_adapter
-from .adapters.base import MODEL_PREFIX, SHARED_PREFIX, ModuleState, Scheme
+from .adapters.base import MODEL_PREFIX, SHARED_PREFIX, ModuleState
 from .checkpoint import DTYPES, FLOAT_CODES, Checkpoint, TensorInfo, read_tensor
 from .errors import AdapterError, UnsupportedAdapterError, VerificationError
 from .resolve import resolve
 from .outputs import PROVENANCE_NAME
-from .planner import OutputTensor, plan_merge
+from .planner import Composition, Edit, OutputTensor, Step, Term, plan_merge
 from .runtime import scaled
 
 PathLike = str | os.PathLike
@@ -56,7 +56,6 @@ DEFAULT_PROMPTS = (
 )
 DEFAULT_ID_PROMPTS = 4  # random token-id prompts of DEFAULT_ID_LENGTH when the model has no tokenizer
 DEFAULT_ID_LENGTH = 12
-ADAPTER_NAME = "default"
 # Config fields that would make PEFT wrap more than the adapted module, or expect a whole model.
 ISOLATED = {
     "modules_to_save": None,
@@ -104,11 +103,12 @@ class VerifyReport:
     """What `verify` found. `ok` is True when every check passed; `failures` says what did not."""
 
     merged: Path
-    adapter: str
+    adapter: str  # a composition: its adapters joined by " + "
     base: str
-    coeff: float
+    coeff: float | None  # None for a composition: see terms
     scheme: str
     atol: float | None = None  # None: tolerances from the dtype
+    terms: list[dict] = field(default_factory=list)  # adapter, adapter_type, coeff, scheme of every term
     checks: list[TensorCheck] = field(default_factory=list)
     untouched: int = 0  # tensors the adapter does not touch, equal to the base
     changed_untouched: dict[str, float] = field(default_factory=dict)  # ... that differ: max |Δ|
@@ -137,13 +137,20 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.failures
 
+    @property
+    def described(self) -> str:
+        """"adapter A at coeff c", or every term of a composition."""
+        if self.coeff is not None:
+            return f"adapter {self.adapter} at coeff {self.coeff:g}"
+        return "adapters " + " + ".join(f"{t['adapter']} at coeff {t['coeff']:g}" for t in self.terms)
+
     def failure_message(self) -> str:
-        lines = [f"{self.merged} does not match adapter {self.adapter} at coeff {self.coeff:g}:", *self.failures]
+        lines = [f"{self.merged} does not match {self.described}:", *self.failures]
         return "\n  ".join(lines)
 
     def summary(self) -> str:
         """A few human-readable lines."""
-        lines = [f"{self.merged}: adapter {self.adapter} at coeff {self.coeff:g}, scheme {self.scheme}, base {self.base}"]
+        lines = [f"{self.merged}: {self.described}, scheme {self.scheme}, base {self.base}"]
         worst = max(self.checks, key=lambda c: c.ratio, default=None)
         if worst is not None:
             lines.append(
@@ -187,31 +194,65 @@ def verify(
     """
     merged = Path(merged)
     recorded = _recorded(merged)
-    adapter_ref = str(adapter) if adapter is not None else recorded.get("adapter")
-    coeff = coeff if coeff is not None else recorded.get("coeff")
-    if adapter_ref is None or coeff is None:
-        raise VerificationError(
-            f"{merged} has no {PROVENANCE_NAME} naming its adapter and coeff; pass them (--adapter, --coeff)."
-        )
-    loaded = load_adapter(resolve(adapter_ref, "adapter", _pinned(recorded, adapter_ref, "adapter", "adapter_revision")))
-    base_ref = str(base) if base is not None else recorded.get("base_model") or loaded.base_model
+    terms = _recorded_terms(merged, recorded, adapter, coeff, scheme)
+    refs = list(dict.fromkeys(t["adapter"] for t in terms))
+    revisions = {t["adapter"]: t.get("adapter_revision") for t in terms}
+    loaded = [load_adapter(resolve(ref, "adapter", revisions[ref])) for ref in refs]
+    base_ref = str(base) if base is not None else recorded.get("base_model") or loaded[0].base_model
     if not base_ref:
         raise VerificationError(
             f"Neither {merged}/{PROVENANCE_NAME} nor the adapter config names the base model; pass --base."
         )
     base_checkpoint = Checkpoint(resolve(base_ref, "base", _pinned(recorded, base_ref, "base_model", "base_revision")))
-    chosen = loaded.family.scheme(scheme or recorded.get("scheme", {}).get("name"))
+    composition = Composition(
+        tuple(Term(refs.index(t["adapter"]), float(t["coeff"]), loaded[refs.index(t["adapter"])].family.scheme(t["scheme"])) for t in terms),
+        recorded.get("compose", "chain"),
+    )
     options = recorded.get("options", {}) if task_id is None else {"task_id": task_id}
-    report = VerifyReport(merged, adapter_ref, base_ref, float(coeff), chosen.name, atol)
+    single = len(terms) == 1
+    report = VerifyReport(
+        merged,
+        " + ".join(t["adapter"] for t in terms),
+        base_ref,
+        composition.terms[0].coeff if single else None,
+        "+".join(dict.fromkeys(t.scheme.name for t in composition.terms)),
+        atol,
+        [
+            {"adapter": t["adapter"], "adapter_type": loaded[term.adapter].peft_type, "coeff": term.coeff, "scheme": term.scheme.name}
+            for t, term in zip(terms, composition.terms)
+        ],
+    )
     device = torch.device(device or "cpu")
-    checker = _Checker(loaded, chosen, report.coeff, options, base_checkpoint, Checkpoint(merged), atol, device)
+    checker = _Checker(loaded, composition, options, base_checkpoint, Checkpoint(merged), atol, device)
     checker.run(report, progress)
     if logits or prompts is not None:
         dtype = _float_dtype(checker.merged)
         logits_atol = atol if atol is not None else LOGIT_ATOL[dtype]
         with _loading_bars(progress):
-            report.logits = _compare_logits(base_checkpoint.root, loaded.path, merged, report, options, prompts, logits_atol, dtype)
+            report.logits = _compare_logits(base_checkpoint.root, loaded, composition, merged, options, prompts, logits_atol, dtype)
     return report
+
+
+def _recorded_terms(merged: Path, recorded: dict, adapter: PathLike | None, coeff: float | None, scheme: str | None) -> list[dict]:
+    """The terms to check: the one adapter passed, or what weightsteer.json records (every term of a composition)."""
+    if adapter is not None or not recorded.get("terms"):
+        ref = str(adapter) if adapter is not None else recorded.get("adapter")
+        coeff = coeff if coeff is not None else recorded.get("coeff")
+        if ref is None or coeff is None:
+            raise VerificationError(
+                f"{merged} has no {PROVENANCE_NAME} naming its adapter and coeff; pass them (--adapter, --coeff)."
+            )
+        recorded_scheme = (recorded.get("scheme") or {}).get("name")
+        return [{"adapter": ref, "coeff": coeff, "scheme": scheme or recorded_scheme, "adapter_revision": _pinned(recorded, ref, "adapter", "adapter_revision")}]
+    if coeff is not None and len(recorded["terms"]) > 1:
+        raise VerificationError(
+            f"{merged} is a composition of {len(recorded['terms'])} adapters, each at its own coeff; --coeff needs --adapter."
+        )
+    return [
+        {"adapter": t["adapter"], "coeff": coeff if coeff is not None else t["coeff"], "scheme": scheme or t["scheme"]["name"],
+         "adapter_revision": t.get("adapter_revision")}
+        for t in recorded["terms"]
+    ]
 
 
 def _recorded(merged: Path) -> dict:
@@ -231,9 +272,8 @@ class _Checker:
 
     def __init__(
         self,
-        adapter: Adapter,
-        scheme: Scheme,
-        coeff: float,
+        adapters: Sequence[Adapter],
+        composition: Composition,
         options: dict,
         base: Checkpoint,
         merged: Checkpoint,
@@ -242,12 +282,13 @@ class _Checker:
     ):
         from peft import PeftConfig
 
-        self.adapter, self.scheme, self.coeff, self.atol, self.device = adapter, scheme, coeff, atol, device
+        self.adapters, self.composition, self.atol, self.device = adapters, composition, atol, device
         self.base, self.merged = base, merged
         self.task_id = options.get("task_id")
-        self.plan = plan_merge(base, adapter, scheme, None, options)
+        self.plan = plan_merge(base, adapters, None, options)
         self.outputs = {t.name: t for tensors in self.plan.shards.values() for t in tensors}
-        self.peft_config = PeftConfig.from_pretrained(str(adapter.path))
+        self.edits = {t.name: self.plan.edit(t, composition) for t in self.plan.edited}
+        self.peft_configs = [PeftConfig.from_pretrained(str(adapter.path)) for adapter in adapters]
 
     def run(self, report: VerifyReport, progress: bool) -> None:
         stored = self.merged.tensors
@@ -256,17 +297,30 @@ class _Checker:
         present = [t for t in self.outputs.values() if t.name in stored]
         report.misshapen = {t.name: list(stored[t.name].shape) for t in present if stored[t.name].shape != t.shape}
         for tensor in tqdm([t for t in present if t.name not in report.misshapen], desc="verifying", disable=not progress):
-            if tensor.edit is None:
+            edit = self.edits.get(tensor.name)
+            if edit is None:
                 difference = self._untouched_difference(tensor)
                 if difference is None:
                     report.untouched += 1
                 else:
                     report.changed_untouched[tensor.name] = difference
-            elif _runs_as_layer(tensor):
-                report.checks.append(self._check_module(tensor))
-            elif not _runs_as_layer(self.outputs.get(tensor.name.removesuffix("bias") + "weight")):
-                report.checks.append(self._check_parameter(tensor))
+            elif _runs_as_layer(tensor, edit) and self._saved_modules(edit):
+                report.checks.append(self._check_module(tensor, edit))
+            elif not _runs_as_layer(*self._weight_beside(tensor)):
+                report.checks.append(self._check_parameter(tensor, edit))
             # else: a bias that its module's check covers
+
+    def _weight_beside(self, tensor: OutputTensor) -> tuple[OutputTensor | None, Edit | None]:
+        name = tensor.name.removesuffix("bias") + "weight"
+        return self.outputs.get(name), self.edits.get(name)
+
+    def _saved_modules(self, edit: Edit) -> bool:
+        """Does PEFT hold a layer at each step's path? Not for one stored expert of a fused parameter
+        (target_parameters): such a slice is checked as a tensor, and the whole model by --logits."""
+        return all(
+            any(key.startswith(f"{MODEL_PREFIX}{step.change.state.path}.") for key in self.adapters[step.adapter].tensors)
+            for step in edit.steps
+        )
 
     def _read_base(self, tensor: OutputTensor) -> torch.Tensor:
         return self.base.read(tensor.source.name).to(self.device, torch.float32)
@@ -282,27 +336,27 @@ class _Checker:
             return None
         return float((merged.double() - base.double()).abs().max())
 
-    def _check_parameter(self, tensor: OutputTensor) -> TensorCheck:
+    def _check_parameter(self, tensor: OutputTensor, edit: Edit) -> TensorCheck:
         """A tensor the adapter stores whole (modules_to_save, trained biases, norm copies): its value at
         coeff, p₀ + c·(p₁ − p₀) as `scaled` sets it, vs the merged one."""
-        expected = tensor.edit(self._read_base(tensor), self.scheme, self.coeff)
+        expected = edit(self._read_base(tensor))
         unit = _unit_roundoff(self.merged.tensors[tensor.name])
         tolerance = self.atol if self.atol is not None else TOLERANCE_SIGMAS * unit * expected.abs()
         return _measure(tensor.name, "parameter", [(expected, self._read_merged(tensor.name), tolerance)])
 
-    def _check_module(self, tensor: OutputTensor) -> TensorCheck:
-        state = tensor.edit.state
+    def _check_module(self, tensor: OutputTensor, edit: Edit) -> TensorCheck:
+        state = edit.steps[0].change.state
         bias = self.outputs.get(tensor.name.removesuffix("weight") + "bias")
         base_weight, base_bias = self._read_base(tensor), self._expected_bias(bias)
         merged_weight = self._read_merged(tensor.name)
         merged_bias = self._read_merged(bias.name) if bias is not None and bias.name in self.merged.tensors else None
-        model, reference = _peft_layer(self.peft_config, self.adapter, state, _layer(state, base_weight, base_bias))
         merged = _layer(state, merged_weight, merged_bias)
         unit = _unit_roundoff(self.merged.tensors[tensor.name])
-        with torch.no_grad(), scaled(model, self.coeff, scheme=self.scheme.name):
+        with torch.no_grad(), ExitStack() as stack:
+            reference = self._reference(stack, edit, state, base_weight, base_bias)
             batches = (
                 (
-                    reference(x, **_task_ids(self.task_id, x)),
+                    reference(x),
                     merged(x),
                     self._tolerance(state, x, unit, (merged_weight, merged_bias), (base_weight, base_bias)),
                 )
@@ -310,13 +364,44 @@ class _Checker:
             )
             return _measure(tensor.name, "module", batches)
 
+    def _reference(self, stack: ExitStack, edit: Edit, state: ModuleState, weight: torch.Tensor, bias: torch.Tensor | None):
+        """PEFT's own forward of the composition on this module, as a function of the input.
+
+        Each group of steps that starts from one weight runs in PEFT: adapters of one family that add up, in one
+        PEFT layer with all of them active (each at its coeff under `scaled`); `sum`, as the base output plus each
+        adapter's own change. A group that applies to the result of the previous one starts from the weight the
+        previous group's PEFT layer computes (read off its forward on the unit inputs)."""
+        groups = edit.groups()
+        for i, group in enumerate(groups):
+            run = self._group_forward(stack, group, state, weight, bias)
+            if i == len(groups) - 1:
+                return run
+            weight, bias = _effective_weight(run, state, weight, bias, self.device)
+
+    def _group_forward(self, stack: ExitStack, group: tuple[Step, ...], state: ModuleState, weight: torch.Tensor, bias):
+        if len(group) == 1 or self.composition.compose == "chain":
+            return self._peft_forward(stack, group, state, weight, bias)
+        base = _layer(state, weight, bias)
+        runs = [self._peft_forward(stack, (step,), state, weight, bias) for step in group]
+        return lambda x: base(x) + sum(run(x) - base(x) for run in runs)
+
+    def _peft_forward(self, stack: ExitStack, steps: tuple[Step, ...], state: ModuleState, weight: torch.Tensor, bias):
+        """One PEFT layer around the weight, with the steps' adapters loaded, all active, each at its coeff."""
+        names = [f"term{i}" for i in range(len(steps))]
+        adapters = [(name, self.peft_configs[s.adapter], self.adapters[s.adapter]) for name, s in zip(names, steps)]
+        model, layer = _peft_layer(adapters, state, _layer(state, weight, bias))
+        coeffs = {name: s.coeff for name, s in zip(names, steps)}
+        stack.enter_context(scaled(model, coeffs, scheme={name: s.scheme.name for name, s in zip(names, steps)}))
+        return lambda x: layer(x, **_task_ids(self.task_id, x))
+
     def _expected_bias(self, bias: OutputTensor | None) -> torch.Tensor | None:
         """The bias PEFT's layer starts from: the base's, or its value at coeff where the adapter trains it."""
         if bias is None:
             return None
         stored = self._read_base(bias)
-        if bias.edit is not None and bias.edit.part == "replace":  # bias="all": PEFT runs the trained copy
-            return bias.edit(stored, self.scheme, self.coeff)
+        edit = self.edits.get(bias.name)
+        if edit is not None and any(s.change.part == "replace" for s in edit.steps):  # bias="all": PEFT runs the trained copy
+            return edit(stored)
         return stored
 
     def _tolerance(self, state: ModuleState, x: torch.Tensor, unit: float, merged: tuple, base: tuple) -> torch.Tensor | float:
@@ -327,6 +412,18 @@ class _Checker:
         fan_in = 1 if state.layer == "embedding" else x.shape[-1]
         fp32_noise = math.sqrt(fan_in) * FP32_EPS
         return TOLERANCE_SIGMAS * (unit * merged_size + fp32_noise * (merged_size + base_size))
+
+
+def _effective_weight(run, state: ModuleState, weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device):
+    """The (weight, bias) a PEFT layer computes, from its forward: the layer is affine in its input, so its
+    output at 0 is the bias and at the unit vectors the weight's columns (an embedding: every row)."""
+    if state.layer == "embedding":
+        rows = [run(ids) for ids in torch.arange(weight.shape[0], device=device).split(EMBEDDING_CHUNK)]
+        return torch.cat(rows), bias
+    fan_in = weight.shape[0] if state.fan_in_fan_out else weight.shape[1]
+    offset = run(torch.zeros(1, 1, fan_in, device=device))[0, 0]
+    columns = run(torch.eye(fan_in, device=device)[None])[0] - offset  # in × out: the Linear weight transposed
+    return (columns if state.fan_in_fan_out else columns.T).contiguous(), offset if bias is not None else None
 
 
 def _measure(name: str, kind: str, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]]) -> TensorCheck:
@@ -345,9 +442,9 @@ def _task_ids(task_id: int | None, inputs: torch.Tensor) -> dict[str, torch.Tens
     return {} if task_id is None else {"task_ids": torch.full(inputs.shape[:1], task_id, device=inputs.device)}
 
 
-def _runs_as_layer(tensor: OutputTensor | None) -> bool:
+def _runs_as_layer(tensor: OutputTensor | None, edit: Edit | None) -> bool:
     """Is this the weight of a Linear / Conv1D / Embedding module that PEFT's layer can run?"""
-    return tensor is not None and tensor.edit is not None and tensor.edit.part == "weight" and len(tensor.shape) == 2
+    return edit is not None and all(s.change.part == "weight" for s in edit.steps) and len(tensor.shape) == 2
 
 
 def _unit_roundoff(info: TensorInfo) -> float:
@@ -395,15 +492,15 @@ def _layer(state: ModuleState, weight: torch.Tensor, bias: torch.Tensor | None) 
     return layer
 
 
-def _peft_layer(config, adapter: Adapter, state: ModuleState, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """PEFT's own tuner layer around `layer`, loaded with the adapter's tensors for that module.
+def _peft_layer(adapters: Sequence[tuple[str, object, Adapter]], state: ModuleState, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """PEFT's own tuner layer around `layer`, loaded with each adapter's tensors for that module under its
+    name (adapters: (name, PEFT config, Adapter)), all of them active.
 
     Returns (the PeftModel, for `scaled`; the tuner layer, to run). The layer sits at its own path in
     an otherwise empty module tree, so PEFT's targeting rules (target_modules, layers_to_transform,
     feedforward_modules, rank/alpha patterns) see the same module name as in the full model.
     """
     from peft import get_peft_model, set_peft_model_state_dict
-    from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 
     container = nn.Module()
     *parents, leaf = state.path.split(".")
@@ -412,22 +509,36 @@ def _peft_layer(config, adapter: Adapter, state: ModuleState, layer: nn.Module) 
         parent.add_module(name, nn.Module())
         parent = getattr(parent, name)
     parent.add_module(leaf, layer)
+    model = None
+    for name, config, _ in adapters:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT warns about the bare container: no config, no name
+            if model is None:
+                model = get_peft_model(container, _isolated(config, state), adapter_name=name).eval()  # no dropout
+            else:
+                model.add_adapter(name, _isolated(config, state))
+    for name, _, adapter in adapters:
+        tensors = _fit_shared(model, adapter, _module_tensors(adapter, state.path), name)
+        loaded = set_peft_model_state_dict(model, tensors, adapter_name=name)
+        if loaded.unexpected_keys:
+            raise AdapterError(
+                f"PEFT does not load {', '.join(loaded.unexpected_keys)} into the module {state.path}; "
+                "the adapter file is inconsistent."
+            )
+    model.base_model.set_adapter([name for name, _, _ in adapters])
+    model.eval()
+    return model, model.base_model.model.get_submodule(state.path)
+
+
+def _isolated(config, state: ModuleState):
+    """The adapter's config, wrapping only this module (see ISOLATED)."""
+    from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+
     overrides = dict(ISOLATED)
     if config.target_modules == INCLUDE_LINEAR_LAYERS_SHORTHAND:  # PEFT resolves it on transformers models only
         overrides["target_modules"] = [state.path]
     fields = {f.name for f in dataclasses.fields(config)}
-    isolated = dataclasses.replace(config, **{k: v for k, v in overrides.items() if k in fields})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT warns about the bare container: no config, no name
-        model = get_peft_model(container, isolated, adapter_name=ADAPTER_NAME).eval()  # no dropout, no sampling
-    tensors = _fit_shared(model, adapter, _module_tensors(adapter, state.path))
-    loaded = set_peft_model_state_dict(model, tensors, adapter_name=ADAPTER_NAME)
-    if loaded.unexpected_keys:
-        raise AdapterError(
-            f"PEFT does not load {', '.join(loaded.unexpected_keys)} into the module {state.path}; "
-            "the adapter file is inconsistent."
-        )
-    return model, model.base_model.model.get_submodule(state.path)
+    return dataclasses.replace(config, **{k: v for k, v in overrides.items() if k in fields})
 
 
 def _module_tensors(adapter: Adapter, path: str) -> dict[str, torch.Tensor]:
@@ -441,14 +552,14 @@ def _module_tensors(adapter: Adapter, path: str) -> dict[str, torch.Tensor]:
     }
 
 
-def _fit_shared(model, adapter: Adapter, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _fit_shared(model, adapter: Adapter, tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     """PEFT sizes shared matrices (VeRA, RandLoRA) for the largest adapted layer, and each layer uses
     their leading block; the layer alone in its container needs just that block of the saved ones."""
     fitted = {}
     for key, tensor in tensors.items():
         token = key.rsplit(".", 1)[-1]
         if token in adapter.family.shared_tokens:
-            tensor = tensor[tuple(slice(0, n) for n in getattr(model.base_model, token)[ADAPTER_NAME].shape)]
+            tensor = tensor[tuple(slice(0, n) for n in getattr(model.base_model, token)[name].shape)]
         fitted[key] = tensor
     return fitted
 
@@ -467,9 +578,9 @@ def _float_dtype(checkpoint: Checkpoint) -> torch.dtype:
 
 def _compare_logits(
     base: Path,
-    adapter: Path,
+    adapters: Sequence[Adapter],
+    composition: Composition,
     merged: Path,
-    report: VerifyReport,
     options: dict,
     prompts: Sequence[Prompt] | None,
     atol: float,
@@ -477,16 +588,38 @@ def _compare_logits(
 ) -> LogitsCheck:
     from peft import PeftModel
 
+    _check_one_peft_model(adapters, composition)
+    names = [f"term{i}" for i in range(len(composition.terms))]
+    paths = [adapters[t.adapter].path for t in composition.terms]
     with torch.no_grad():
-        unmerged = PeftModel.from_pretrained(_load_model(base, dtype), adapter).eval()
+        unmerged = PeftModel.from_pretrained(_load_model(base, dtype), paths[0], adapter_name=names[0])
+        for name, path in zip(names[1:], paths[1:]):
+            unmerged.load_adapter(path, adapter_name=name)
+        unmerged.base_model.set_adapter(names)
+        unmerged.eval()
         inputs = _encode_prompts(merged, prompts, unmerged.get_input_embeddings().weight.shape[0])
         tuner = unmerged.base_model  # LoraModel, PolyModel, ...: it hands task_ids (Poly) on to its layers
-        with scaled(unmerged, report.coeff, scheme=report.scheme):
+        coeffs = {name: t.coeff for name, t in zip(names, composition.terms)}
+        with scaled(unmerged, coeffs, scheme={name: t.scheme.name for name, t in zip(names, composition.terms)}):
             expected = [_run(tuner, ids, **_task_ids(options.get("task_id"), ids[None])) for ids in inputs]
         del unmerged, tuner  # one model in memory at a time
         merged_model = _load_model(merged, dtype).eval()
         got = [_run(merged_model, ids) for ids in inputs]
     return _logits_check(expected, got, atol)
+
+
+def _check_one_peft_model(adapters: Sequence[Adapter], composition: Composition) -> None:
+    """The logits check runs the terms in one PeftModel: one PEFT type whose adapters add up there."""
+    if len(composition.terms) == 1:
+        return
+    types = {adapters[t.adapter].peft_type for t in composition.terms}
+    family = adapters[composition.terms[0].adapter].family
+    if len(types) > 1 or not family.composes_additively:
+        raise VerificationError(
+            f"--logits runs a composition as one PeftModel with every adapter active, which matches the merge for "
+            f"adapters of one additive family (LoRA, DeLoRA, VeRA, ...); these are {', '.join(sorted(types))}. "
+            "The module-level check (without --logits) covers every composition."
+        )
 
 
 @contextmanager

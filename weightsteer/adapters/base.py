@@ -13,11 +13,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Callable, ClassVar, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Mapping
 
 import torch
 
-from ..errors import AdapterError, SchemeError
+from ..errors import AdapterError, SchemeError, UnsupportedAdapterError
+
+if TYPE_CHECKING:
+    from ..names import CheckpointNames, ModelParameter, StoredSlice
 
 MODEL_PREFIX = "base_model.model."
 SHARED_PREFIX = "base_model."
@@ -30,7 +33,9 @@ class ModuleState:
     path: str
     tensors: dict[str, torch.Tensor]
     scalars: dict[str, float] = field(default_factory=dict)
-    layer: str = "linear"  # "linear" (W is out×in) or "embedding" (W is vocab×dim)
+    # "linear" (W is out×in), "embedding" (W is vocab×dim), "parameter" (a parameter PEFT targets directly with
+    # target_parameters: `path` names the parameter, e.g. an MoE expert stack) or "experts" (W is experts×out×in)
+    layer: str = "linear"
     fan_in_fan_out: bool = False  # the base tensor is stored transposed (GPT-2 Conv1D)
 
     def with_tensors(self, **tensors: torch.Tensor) -> "ModuleState":
@@ -99,6 +104,10 @@ class AdapterFamily:
     schemes: ClassVar[dict[str, Scheme]]
     knobs: ClassVar[tuple[str, ...]] = ()  # scalars that `knob:<name>` may scale besides tensors
     options: ClassVar[tuple[str, ...]] = ()  # merge options the family reads, e.g. ("task_id",)
+    # Several adapters of this family active in one PEFT model add their changes, each computed against the
+    # same weight (LoRA: W + Σ ΔWᵢ). False where PEFT's forward applies them one after another (IA3
+    # multiplies its scalings; rotations compose), so a composition chains them.
+    composes_additively: ClassVar[bool] = True
 
     # ---- parsing -------------------------------------------------------------------------------
     def parse(
@@ -129,6 +138,11 @@ class AdapterFamily:
 
     def check_shapes(self, state: ModuleState, weight_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None) -> None:
         """Raise AdapterError if the module's tensors cannot apply to a base weight of this shape."""
+
+    def slice_state(self, state: ModuleState, stored: "StoredSlice") -> ModuleState:
+        """For a layer="parameter" state: the state that changes one stored tensor, the slice `stored` of the
+        parameter (an expert's gate half of a fused gate_up_proj, say), in the stored tensor's orientation."""
+        raise UnsupportedAdapterError(f"{self.name} adapters do not target parameters directly ({state.path}).")
 
     # ---- runtime twin --------------------------------------------------------------------------
     def live_state(self, layer: torch.nn.Module, adapter: str, path: str) -> ModuleState:
@@ -180,18 +194,31 @@ class AdapterFamily:
 
 
 class ShapeLookup:
-    """Shapes of base tensors, by module path, for families that size things from the base."""
+    """Shapes of base tensors, by module path, for families that size things from the base.
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]]):
+    `names` (weightsteer.names.CheckpointNames) maps model paths to stored names as the planner does; without
+    it, a stored name that shares the path's suffix is taken."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], names: "CheckpointNames | None" = None):
         self.shapes = shapes
+        self.names = names
 
     def weight(self, path: str) -> tuple[int, ...] | None:
-        """The base weight's stored shape; checkpoints may drop or add a leading prefix, as the planner allows."""
+        """The base weight's stored shape."""
         name = path + ".weight"
+        if self.names is not None:
+            stored = self.names.find(name)
+            return self.shapes[stored] if stored is not None else None
         if name in self.shapes:
             return self.shapes[name]
         candidates = [n for n in self.shapes if name.endswith("." + n) or n.endswith("." + name)]
         return self.shapes[candidates[0]] if len(candidates) == 1 else None
+
+    def parameters(self, module: str) -> "dict[str, ModelParameter]":
+        """The model's own parameters of a module, in definition order (for target_parameters adapters)."""
+        if self.names is None:
+            raise AdapterError(f"Adapter targets parameters of {module} directly; that needs the base model's layout.")
+        return self.names.parameters(module)
 
 
 # ---- helpers shared by the family modules -----------------------------------------------------

@@ -6,16 +6,32 @@ PEFT forward (peft/tuners/lora/layer.py):
   DoRA       y = diag(m / ‖W + sBA‖_row)(W + sBA) x + b
   trainable_token_indices: rows of an embedding retrained whole, saved as
              `<embedding>.token_adapter.trainable_tokens_delta`; merged as TrainableTokens rows.
+  target_parameters (ParamWrapper, e.g. MoE expert stacks P of shape experts×d₁×d₂):
+             P[e] + s·L[e] R[e], with L, R from lora_A (r·E × in) and lora_B (out × r·E) as in
+             ParamWrapper.get_delta_factors; each stored tensor (one expert's gate half, say) gets its slice.
 """
 
 from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..errors import AdapterError, UnsupportedAdapterError
-from .base import AdapterFamily, ModuleState, Scheme, pattern_value, require, scale_mix, shape_error, split_keys, toward
+from .base import (
+    AdapterFamily,
+    ModuleState,
+    Scheme,
+    ShapeLookup,
+    pattern_value,
+    require,
+    scale_mix,
+    shape_error,
+    split_keys,
+    toward,
+)
 
 from .trainable_tokens import (
     ROWS,
@@ -26,6 +42,9 @@ from .trainable_tokens import (
     set_live_token_state,
     token_state,
 )
+
+if TYPE_CHECKING:
+    from ..names import ModelParameter
 
 RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
 LORA_TOKENS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -70,6 +89,10 @@ class LoRA(AdapterFamily):
                 states.append(token_state(path, params.pop(TOKEN_ROWS), _token_indices(config, path)))
             if not params:
                 continue
+            target = _targeted_parameter(config, path, base_shapes)
+            if target is not None:
+                states.append(_parameter_state(config, *target, params))
+                continue
             embedding = "lora_embedding_A" in params
             a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
             require(params, path, a_name, b_name)
@@ -103,7 +126,10 @@ class LoRA(AdapterFamily):
         if ROWS in state.tensors:
             return check_token_shapes(state, weight_shape)
         a, b = _factors(state)
-        expected = (a.shape[1], b.shape[0]) if state.layer == "embedding" else (b.shape[0], a.shape[1])
+        if state.layer == "embedding":
+            expected = (a.shape[1], b.shape[0])
+        else:  # linear (out×in) or experts (experts×out×in): ΔW = B A, batched over experts
+            expected = (*b.shape[:-1], a.shape[-1])
         if tuple(weight_shape) != expected:
             raise shape_error(state.path, "weight shape", expected, tuple(weight_shape))
         if "lora_B.bias" in state.tensors and bias_shape is None:
@@ -116,6 +142,8 @@ class LoRA(AdapterFamily):
         if ROWS in state.tensors:
             return merged_rows(state, weight)
         a, b = _factors(state)
+        if state.layer == "experts":  # as PEFT's _LoraFactorsProxy: baddbmm(W, lhs, rhs, alpha=scaling)
+            return torch.baddbmm(weight, b, a, alpha=state.scalars["scaling"])
         left, right = (a.T, b.T) if state.layer == "embedding" else (b, a)
         merged = torch.addmm(weight, left, right, alpha=state.scalars["scaling"])
         if "lora_magnitude_vector" not in state.tensors:
@@ -126,7 +154,7 @@ class LoRA(AdapterFamily):
     def low_rank(self, state, shape):
         """ΔW = s·B A (embedding: s·(B_e A_e)ᵀ), in weight()'s orientation; DoRA's row norms make it full rank,
         and trainable-token rows are no product of factors."""
-        if "lora_magnitude_vector" in state.tensors or ROWS in state.tensors:
+        if "lora_magnitude_vector" in state.tensors or ROWS in state.tensors or state.layer == "experts":
             return None
         a, b = _factors(state)
         scaling = state.scalars["scaling"]
@@ -134,6 +162,27 @@ class LoRA(AdapterFamily):
 
     def changes_bias(self, state):
         return "lora_B.bias" in state.tensors
+
+    def slice_state(self, state, stored):
+        """The change of one stored tensor: rows/columns of L and R per the slice, per expert (L R is linear in
+        each factor, so slicing the factors slices the product). A stored tensor whose dims run the other way
+        round gets ΔWᵀ = Rᵀ Lᵀ."""
+        lhs, rhs = state.tensors["lora_B"], state.tensors["lora_A"]
+        index, dims = stored.index, stored.dims
+        if lhs.dim() == 2:  # a 2-D parameter: one "expert"
+            lhs, rhs, index, dims = lhs[None], rhs[None], (0, *index), tuple(d + 1 for d in dims)
+        experts, rows, cols = index
+        running = [d for d, i in enumerate(index) if not isinstance(i, int)]
+        if isinstance(rows, int) or isinstance(cols, int) or sorted(dims) != running or dims[0] != running[0]:
+            raise UnsupportedAdapterError(
+                f"{state.path}: the stored tensor {stored.name} is laid out in a way weightsteer cannot slice yet."
+            )
+        lhs, rhs = lhs[experts][..., rows, :], rhs[experts][..., :, cols]
+        if dims[-2] > dims[-1]:  # stored transposed
+            lhs, rhs = rhs.transpose(-2, -1), lhs.transpose(-2, -1)
+        layer = "experts" if lhs.dim() == 3 else "linear"
+        path = stored.name.removesuffix(".weight")  # the stored tensor's own module, e.g. …experts.3.w1
+        return ModuleState(path, {"lora_B": lhs.contiguous(), "lora_A": rhs.contiguous()}, dict(state.scalars), layer)
 
     def bias(self, state, bias):
         if "lora_B.bias" not in state.tensors:
@@ -175,6 +224,54 @@ class LoRA(AdapterFamily):
             dora = layer.lora_magnitude_vector[adapter]
             dora.weight.data.copy_(_magnitude(state, weight.T if layer.fan_in_fan_out else weight))
             dora._cache_clear()
+
+
+def _targeted_parameter(config: dict, path: str, base_shapes: ShapeLookup) -> tuple[str, "ModelParameter"] | None:
+    """(parameter path, parameter) when the saved module `path` is a PEFT ParamWrapper (target_parameters).
+
+    PEFT wraps a module's targeted parameters one after the other in the module's parameter order, each wrapper
+    around the previous (peft/tuners/tuners_utils.py, _inject_parameters), so the last is outermost and a saved
+    key has one `.base_layer` for each wrapper outside it.
+    """
+    targets = config.get("target_parameters") or []
+    if not targets:
+        return None
+    parts = path.split(".")
+    module = ".".join(p for p in parts if p != "base_layer")
+    depth = len(parts) - len(module.split("."))
+    params = base_shapes.parameters(module)
+    targeted = [
+        p for name, p in params.items() if any(f"{module}.{name}" == t or f"{module}.{name}".endswith("." + t) for t in targets)
+    ]
+    if not targeted:
+        return None
+    if depth >= len(targeted):
+        raise AdapterError(f"Adapter module {path}: target_parameters matches only {len(targeted)} parameters of {module}.")
+    parameter = targeted[len(targeted) - 1 - depth]
+    return f"{module}.{parameter.name}", parameter
+
+
+def _parameter_state(config: dict, path: str, parameter: "ModelParameter", params: dict[str, torch.Tensor]) -> ModuleState:
+    """ParamWrapper's delta as factors, Δ = s·L R in the parameter's layout (peft/tuners/lora/layer.py,
+    ParamWrapper.get_delta_factors; a 2-D parameter uses Linear.get_delta_weight, s·B A):
+    lora_A (r·E × in) → A_e (r × in); lora_B (out × r·E) → B_e (out × r), column j·E + e;
+    experts stored (E, out, in): L = B_e, R = A_e; stored (E, in, out) (`is_transposed`): L = A_eᵀ, R = B_eᵀ."""
+    require(params, path, "lora_A", "lora_B")
+    a, b = params["lora_A"], params["lora_B"]
+    shape = parameter.shape
+    experts = shape[0] if len(shape) == 3 else 1
+    rank = a.shape[0] // experts
+    alpha = pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8))
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    if len(shape) == 2:
+        lhs, rhs = b, a
+    else:
+        a_e = a.reshape(experts, rank, a.shape[1])
+        b_e = b.reshape(b.shape[0], rank, experts).permute(2, 0, 1)
+        lhs, rhs = (a_e.transpose(1, 2), b_e.transpose(1, 2)) if parameter.transposed else (b_e, a_e)
+    if (*lhs.shape[:-1], rhs.shape[-1]) != shape or a.shape[0] != rank * experts:
+        raise shape_error(path, "parameter shape", (*lhs.shape[:-1], rhs.shape[-1]), shape)
+    return ModuleState(path, {"lora_B": lhs.contiguous(), "lora_A": rhs.contiguous()}, {"scaling": scaling}, layer="parameter")
 
 
 def _token_indices(config: dict, path: str) -> list[int]:
