@@ -183,8 +183,8 @@ class Checkpoint:
         if absent:
             raise BaseModelError(f"{self.index_path} lists tensors no shard holds, e.g. {sorted(absent)[0]!r}.")
 
-    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
-        return read_tensor(self.tensors[name], into)
+    def read(self, name: str, into: torch.Tensor | None = None, pool: Executor | None = None) -> torch.Tensor:
+        return read_tensor(self.tensors[name], into, pool)
 
     def weight_files(self) -> set[str]:
         names = set(self.shard_names)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import DTYPES, ShardWriter, TensorInfo, read_tensor
+from .checkpoint import DTYPES, ShardWriter, TensorInfo
 from .errors import AdapterError
 from .planner import Composition, Edit, MergePlan, OutputTensor
 
@@ -336,7 +336,7 @@ def _read(
 
     With a pinned buffer the copy to the GPU is synchronous, so the buffer is free again on return."""
     with clock("read"):
-        return read_tensor(plan.checkpoint.tensors[tensor.source.name], into=pinned, pool=chunks).to(device)
+        return plan.checkpoint.read(tensor.source.name, into=pinned, pool=chunks).to(device)
 
 
 def _outputs(
@@ -351,7 +351,10 @@ def _outputs(
     dtype = DTYPES[tensor.dtype]
     with clock("compute"):
         edited = [(edit, result) for edit, result in zip(edits or [None] * len(results), results) if edit is not None]
-        factors = [_row_factors(edit, stored) for edit, _ in edited]
+        # Row blocks only below fp32: the factors' arithmetic (e.g. LoRA's (s·B) A for weight()'s s·(B A)) may
+        # differ in the last fp32 bit, which an fp32 output keeps and rounding to bf16/fp16 absorbs; an fp32
+        # output also needs no conversion, the blocks' main saving.
+        factors = [_row_factors(edit, stored) if dtype.itemsize < 4 else None for edit, _ in edited]
         base_rounded = None
         if edited and all(f is not None for f in factors):
             merged = _low_rank_blocked(tensor, stored, factors, *zip(*edited), dtype, workers)
