@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import DTYPES, ShardWriter, TensorInfo
 from .errors import AdapterError
-from .planner import Composition, Edit, MergePlan, OutputTensor
+from .planner import Composition, Edit, MergePlan, NewTensor, OutputTensor
 
 
 class StreamTarget(Protocol):
@@ -142,7 +142,7 @@ def stream(
         _keep_freed_memory_for_reuse()
     moved: dict[int, torch.Tensor] = {}
     edits: dict[str, list[Edit | None]] = {}
-    for tensor in plan.edited:
+    for tensor in plan.edited + plan.added:
         for change in tensor.changes.values():
             change.to(device, moved)
         edits[tensor.name] = [plan.edit(tensor, composition) for composition in compositions]
@@ -150,16 +150,16 @@ def stream(
     computed = [t for t in ordered if _needs_read(t, edits)]
     clock = _PhaseClock()
     # On a GPU, one page-locked buffer for reads and one for writes make host↔device copies fast.
-    largest = max((max(t.source.nbytes, t.nbytes) for t in computed), default=0)
+    largest = max([max(t.source.nbytes, t.nbytes) for t in computed] + [t.nbytes for t in plan.added], default=0)
     pinned = [torch.empty(largest, dtype=torch.uint8, pin_memory=True) for _ in range(2)] if device.type == "cuda" else [None, None]
-    total = sum(t.source.nbytes for t in ordered)
+    total = sum(_read_bytes(t) for t in ordered)
     opened: list[ShardWriter] = []
     with (
         ThreadPoolExecutor(1, "weightsteer-read") as reader,
         ThreadPoolExecutor(READS_IN_FLIGHT, "weightsteer-read-chunk") as chunks,
         ThreadPoolExecutor(1, "weightsteer-write") as writer,
         _compute_workers(device) as workers,
-        ReadAhead([t.source for t in ordered]) as read_ahead,
+        ReadAhead([t.source for t in ordered if not isinstance(t, NewTensor)]) as read_ahead,
         tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress) as bar,
     ):
         reads = _Prefetch(reader, computed, lambda t: _read(plan, t, device, clock, pinned[0], chunks))
@@ -171,14 +171,17 @@ def stream(
                 shard_writers = [ShardWriter(staging / shard, layout, metadata) for staging in stagings]
                 opened += shard_writers
                 for tensor in tensors:
-                    if _needs_read(tensor, edits):
+                    if isinstance(tensor, NewTensor):  # a change to an all-zero base tensor
+                        outputs = _outputs(tensor, edits[tensor.name], _zeros(tensor, device), results, clock, workers)
+                        writes.submit(tensor.nbytes * len(outputs), _write_all, shard_writers, tensor.name, outputs, clock, pinned[1])
+                    elif _needs_read(tensor, edits):
                         outputs = _outputs(tensor, edits.get(tensor.name), reads.next(), results, clock, workers)
                         nbytes = sum(o.numel() * o.element_size() for o in outputs)
                         writes.submit(nbytes, _write_all, shard_writers, tensor.name, outputs, clock, pinned[1])
                     else:
                         writes.submit(0, _copy_all, shard_writers, tensor, clock)
-                    read_ahead.consumed(tensor.source.nbytes)
-                    bar.update(tensor.source.nbytes)
+                    read_ahead.consumed(_read_bytes(tensor))
+                    bar.update(_read_bytes(tensor))
                 writes.submit(0, _close_all, shard_writers)
             writes.drain()
         except BaseException:
@@ -324,7 +327,18 @@ def _advise_requests(infos: Sequence[TensorInfo]):
             yield path, start + offset, min(ADVISE_BYTES, length - offset)
 
 
-def _needs_read(tensor: OutputTensor, edits: dict[str, list[Edit | None]]) -> bool:
+def _read_bytes(tensor: OutputTensor | NewTensor) -> int:
+    return 0 if isinstance(tensor, NewTensor) else tensor.source.nbytes
+
+
+def _zeros(tensor: NewTensor, device: torch.device) -> torch.Tensor:
+    """The base a new tensor is computed from, as _read gives it: zeros as stored (in the output dtype)."""
+    return torch.zeros(tensor.shape, dtype=DTYPES[tensor.dtype], device=device)
+
+
+def _needs_read(tensor: OutputTensor | NewTensor, edits: dict[str, list[Edit | None]]) -> bool:
+    if isinstance(tensor, NewTensor):
+        return False
     edited = any(edit is not None for edit in edits.get(tensor.name, ()))
     return edited or tensor.dtype != tensor.source.dtype
 
@@ -392,6 +406,8 @@ def _merged(tensor: OutputTensor, edit: Edit, base: torch.Tensor, base_rounded: 
     target = edit(base)
     _refuse_non_finite(tensor, edit, target)
     rounded = target.to(base_rounded.dtype)
+    if target.shape != base.shape:  # added token rows have no base value: the report leaves them out
+        base, base_rounded = (torch.cat([t, r[t.shape[0] :]]) for t, r in ((base, target), (base_rounded, rounded)))
     before = result.rounding.changed
     result.rounding.add(base, target, rounded, base_rounded)
     if result.rounding.changed > before or not torch.equal(target, base):

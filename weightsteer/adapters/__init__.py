@@ -38,9 +38,23 @@ BUILTIN = {
     "LN_TUNING": "weightsteer.adapters.ln_tuning:LNTuning",
     "TRAINABLE_TOKENS": "weightsteer.adapters.trainable_tokens:TrainableTokens",
     "POLY": "weightsteer.adapters.poly:Poly",
+    "HIRA": "weightsteer.adapters.hira:HiRA",
+    "BEFT": "weightsteer.adapters.beft:BEFT",
+    "GLORA": "weightsteer.adapters.glora:GLoRA",
+    "GRALORA": "weightsteer.adapters.gralora:GraLoRA",
+    "PEANUT": "weightsteer.adapters.peanut:Peanut",
+    "PSOFT": "weightsteer.adapters.psoft:PSOFT",
+    "PVERA": "weightsteer.adapters.vera:PVeRA",
+    "SUPERTUNING": "weightsteer.adapters.supertuning:Supertuning",
+    "WAVEFT": "weightsteer.adapters.waveft:WaveFT",
+    "DEFT": "weightsteer.adapters.deft:DeFT",
+    "FROD": "weightsteer.adapters.frod:FRoD",
+    "UNILORA": "weightsteer.adapters.unilora:UniLoRA",
+    "TINYLORA": "weightsteer.adapters.tinylora:TinyLoRA",
+    "OSF": "weightsteer.adapters.osf:OSF",
 }
 
-FAMILIES = Registry(BUILTIN)
+FAMILIES = Registry(BUILTIN, AdapterFamily)
 
 _VIRTUAL_TOKENS = (
     "{name} adds learned virtual tokens in front of the input; it changes no weight, so there is nothing to bake "
@@ -63,6 +77,18 @@ REFUSED = {
     "XLORA": (
         "X-LoRA mixes its LoRA experts with weights that change per token, so no single weight matrix reproduces "
         "it. Merge one expert instead (pass its sub-folder, e.g. ADAPTER/0, as the adapter), at the coeff you want."
+    ),
+    "CARTRIDGE": (
+        "Cartridges store a trained KV cache that is served as past_key_values, like prefix tuning; attention over "
+        "extra positions is not expressible as a weight change. Keep it as a runtime adapter."
+    ),
+    "LILY": (
+        "Lily mixes its shared B experts with router weights averaged over the tokens of each input, so its change "
+        "depends on the input and no fixed weight reproduces it (PEFT cannot merge it either)."
+    ),
+    "SHADOW": (
+        "ShadowPEFT runs a trainable shadow network alongside the frozen model and injects its state into every "
+        "block; the change depends on the input and is not a weight delta (PEFT cannot merge it either)."
     ),
 }
 
@@ -106,11 +132,18 @@ class Adapter:
         return self.config.get("base_model_name_or_path")
 
     def modules(self, base_shapes: ShapeLookup, options: Mapping[str, object] | None = None) -> list[ModuleState]:
+        reason = self.family.refusal(self.config)
+        if reason is not None:
+            raise UnsupportedAdapterError(f"Cannot merge this {self.peft_type} adapter: {reason}")
         return self.family.parse(self.config, self.tensors, base_shapes, options or {})
 
     def replacements(self) -> dict[str, torch.Tensor]:
         """Base tensors the adapter stores whole (modules_to_save, trained biases, saved embeddings)."""
-        return split_keys(self.tensors, self.family.tokens, self.family.shared_tokens)[1]
+        return split_keys(self.tensors, self.family.tokens, self.family.shared_tokens, nested=self.family.nested)[1]
+
+    def config_patch(self, base_config: Mapping[str, object]) -> dict[str, object]:
+        """config.json keys the merged model needs to load the change (e.g. mlp_bias for a new bias); none for PEFT."""
+        return {}
 
 
 def load_adapter(path: str | Path) -> Adapter:
@@ -157,6 +190,11 @@ def scheme_table() -> str:
         if family.knob_names():
             knobs = ", ".join(f"`knob:{k}`" for k in family.knob_names())
             rows.append(f"| {family.name} | {knobs} | p → c·p for that one parameter | as PEFT computes it | **no** |")
+    from ..formats import all_formats  # formats import this package
+
+    for fmt in all_formats():
+        for scheme in fmt.family.schemes.values():
+            rows.append(f"| {fmt.name} (format) | `{scheme.name}` (default) | {scheme.formula} | {scheme.meaning} | yes |")
     return "\n".join(rows)
 
 
