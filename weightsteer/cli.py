@@ -549,17 +549,17 @@ def schemes() -> None:
 
 
 def _scheme_table() -> str:
-    """The scheme table, cached on disk per installed version of the families: building it imports every
-    family module and torch (seconds), the cached text answers at once."""
+    """The scheme table, cached on disk per installed version of weightsteer's sources and plugins: building
+    it imports every family module and torch (seconds), the cached text answers at once."""
     import hashlib
     import os
     from importlib.metadata import entry_points
 
     from .registry import ENTRY_POINT_GROUP
 
-    families = Path(__file__).parent / "adapters"
+    package = Path(__file__).parent
     key = [__version__] + [f"{e.name}={e.value}@{e.dist.version if e.dist else ''}" for e in entry_points(group=ENTRY_POINT_GROUP)]
-    key += [f"{f.name}:{f.stat().st_mtime_ns}:{f.stat().st_size}" for f in sorted(families.glob("*.py"))]
+    key += [f"{f.relative_to(package)}:{f.stat().st_mtime_ns}:{f.stat().st_size}" for f in sorted(package.rglob("*.py"))]
     cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "weightsteer"
     cached = cache_root / f"schemes-{hashlib.sha256(chr(10).join(key).encode()).hexdigest()[:16]}.md"
     if cached.is_file():
