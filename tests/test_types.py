@@ -15,8 +15,9 @@ from click.testing import CliRunner
 from peft import LoraConfig, PeftModel
 
 import weightsteer
-from cases import ATTN, ATTN_MLP
+from cases import ATTN, ATTN_MLP, TYPE_CASES
 from conftest import TOKENS, assert_base_identical, load_base, make_adapter, model_logits
+from safetensors.torch import load_file, save_file
 from weightsteer.cli import main
 from weightsteer.errors import SchemeError
 
@@ -169,3 +170,46 @@ def test_inspect_describes_the_new_types(bases, tmp_path, name, config):
     report = json.loads(result.output)
     assert report["adapter_type"] == name and report["merge"] == "exact"
     assert report["targets"] and all(c["relative_change"] > 0 for c in report["changes"])
+
+
+@pytest.mark.parametrize("case", TYPE_CASES, ids=lambda case: case.id)
+def test_verify_passes_every_type_and_catches_a_tampered_tensor(bases, tmp_path, case):
+    """verify rebuilds each adapted module with PEFT alone; every type must pass at c = 0.5, and a change of
+    one element of a checked tensor must fail (the check is not vacuous for any type)."""
+    adapter = make_adapter(bases(case.arch), tmp_path / "a", case.config(), scale=case.scale, around_one=case.around_one)
+    out = weightsteer.merge(adapter, tmp_path / "out", coeff=0.5, scheme=case.schemes[0])
+    report = weightsteer.verify(out)
+    assert report.ok, report.failures
+    assert report.checks, "verify checked no tensor"
+    _tamper(out, report.checks[0].tensor)
+    tampered = weightsteer.verify(out)
+    assert not tampered.ok and report.checks[0].tensor in " ".join(tampered.failures)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], save_projection=False),
+        lambda: peft.RandLoraConfig(r=4, target_modules=["q_proj", "up_proj", "down_proj"], save_projection=False),
+    ],
+    ids=["vera", "randlora"],
+)
+def test_verify_draws_unsaved_projections_at_the_models_size(bases, tmp_path, config):
+    """PEFT sizes shared projections by the model's largest adapted layer; the lone layer verify rebuilds must use
+    the same draw, not one sized by itself."""
+    adapter = make_adapter(bases("llama"), tmp_path / "a", config())
+    report = weightsteer.verify(weightsteer.merge(adapter, tmp_path / "out", coeff=0.5))
+    assert report.ok and report.checks, report.failures
+
+
+def _tamper(folder, name):
+    """Add 1% of the tensor's largest entry to one element, in the shard that holds it."""
+    for shard in folder.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if name in tensors:
+            tensor = tensors[name].clone()
+            tensor.view(-1)[0] += 0.01 * tensor.abs().max()
+            tensors[name] = tensor
+            save_file(tensors, shard, metadata={"format": "pt"})
+            return
+    raise KeyError(name)

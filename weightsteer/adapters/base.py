@@ -161,6 +161,10 @@ class AdapterFamily:
     def set_live_state(self, layer: torch.nn.Module, adapter: str, state: ModuleState) -> None:
         raise NotImplementedError
 
+    def rederive_live(self, layer: torch.nn.Module, adapter: str) -> None:
+        """Recompute what a live PEFT layer derives at init from tensors loaded into it afterwards (FRoD: U from its
+        role's basis). verify builds each layer alone, where PEFT derives them from stand-ins, then loads the real ones."""
+
     def check_live_delta(self, layer: torch.nn.Module, adapter: str) -> None:
         """Raise SchemeError if the runtime `delta` (y_base + c(y − y_base)) would not match the merge for this
         layer, e.g. because PEFT changed the live base weight at load (KaSA)."""
