@@ -229,7 +229,7 @@ def _adapter_changes(checkpoint: Checkpoint, adapter: Adapter, options: Mapping[
     """Tensor name → the change one adapter makes to it."""
     shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
     edits: dict[str, Change] = {}
-    states = adapter.modules(ShapeLookup(shapes, names_for(checkpoint)), options)
+    states = adapter.modules(ShapeLookup(shapes, names_for(checkpoint), checkpoint.read), options)
     for state in states:
         _add_module_edits(edits, checkpoint, adapter.family, state)
     for name, trained in adapter.replacements().items():
