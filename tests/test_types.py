@@ -225,12 +225,13 @@ def test_verify_passes_every_type_and_catches_a_tampered_tensor(bases, tmp_path,
     [
         lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], save_projection=False),
         lambda: peft.RandLoraConfig(r=4, target_modules=["q_proj", "up_proj", "down_proj"], save_projection=False),
+        lambda: peft.RandLoraConfig(r=4, target_modules=["q_proj", "up_proj", "down_proj"]),
     ],
-    ids=["vera", "randlora"],
+    ids=["vera-unsaved", "randlora-unsaved", "randlora-saved-with-layer-copies"],
 )
-def test_verify_draws_unsaved_projections_at_the_models_size(bases, tmp_path, config):
+def test_verify_uses_the_models_shared_projections(bases, tmp_path, config):
     """PEFT sizes shared projections by the model's largest adapted layer; the lone layer verify rebuilds must use
-    the same draw, not one sized by itself."""
+    the model's (saved, or drawn again at the model's size), not ones sized by itself."""
     adapter = make_adapter(bases("llama"), tmp_path / "a", config())
     report = weightsteer.verify(weightsteer.merge(adapter, tmp_path / "out", coeff=0.5))
     assert report.ok and report.checks, report.failures

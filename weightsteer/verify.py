@@ -595,16 +595,19 @@ def _shared_tensors(model, loaded: _Loaded) -> dict[str, torch.Tensor]:
     largest in the model (it uses their leading block), FRoD's basis of its role computed from this weight alone,
     TinyLoRA's group 0 (its group follows from its index among all adapted modules). The real ones are those the
     merge's state holds for the module (the saved tensor of its role or group), or, where the file lacks them
-    (save_projection=False), PEFT's own draw at the model's sizes."""
+    (save_projection=False), PEFT's own draw at the model's sizes. Per-layer copies (RandLoRA saves one beside
+    each layer) get the same."""
     from peft import get_peft_model_state_dict
 
     own = get_peft_model_state_dict(model, adapter_name=loaded.name, save_embedding_layers=False)
+    layer_prefix = f"{MODEL_PREFIX}{loaded.state.path}."
     drawn: dict[str, torch.Tensor] | None = None
     shared = {}
     for key, stand_in in own.items():
-        if key.startswith(MODEL_PREFIX) or not key.startswith(SHARED_PREFIX):
+        name = key.removeprefix(layer_prefix) if key.startswith(MODEL_PREFIX) else key.removeprefix(SHARED_PREFIX)
+        token = name.split(".")[0]
+        if token not in loaded.adapter.family.shared_tokens:
             continue
-        token = key[len(SHARED_PREFIX) :].split(".")[0]
         if _saved(loaded.adapter, token):
             source = loaded.state.tensors.get(token, loaded.adapter.tensors.get(key))
         else:
