@@ -94,6 +94,15 @@ TYPE_CASES = [
     Case("psoft-lowrank-pissa-neumann-llama", "llama", _peft("PsoftConfig", r=4, psoft_svd="lowrank", ab_svd_init="pissa_init", use_cayley_neumann=True, target_modules=ATTN), (None,), around_one=("vector_",), scale=0.3),
 ]
 
+def _tokens(**kwargs):
+    def make():
+        from peft import TrainableTokensConfig
+
+        return TrainableTokensConfig(**kwargs)
+
+    return make
+
+
 # ---- architectures (real-world checkpoints as transformers saves them) -------------------------------
 # Module paths ≠ stored names: PEFT saves model.language_model.…, the checkpoint stores model.… or
 # language_model.model.… (weightsteer.names replays transformers' conversion mapping). The table compares text-only
@@ -139,6 +148,36 @@ MOE_CASES = [
     ),
     Case("moe-deepseek_v3", "deepseek_v3", _lora(r=2, lora_alpha=4, target_modules=["q_b_proj", "kv_b_proj"], target_parameters=EXPERTS), coeffs=SHORT),
 ]
-MODEL_CASES: list[Case] = [*VLM_CASES, *MOE_CASES]
+# Embeddings, heads and tying per architecture, from PEFT's own test matrix (tied and untied heads, token rows on
+# the embedding and the head, ensure_weight_tying), and model classes other than causal LMs.
+MODEL_QUICK = dict(schemes=(None,), coeffs=(-1, 0, 0.5, 1))
+NEOX = ["query_key_value"]
+HEAD_CASES = [
+    # GPT-NeoX stores its head as embed_out (transformers names the module lm_head).
+    Case("neox-head-modules-to-save", "gpt_neox", _lora(r=2, target_modules=NEOX, modules_to_save=["lm_head"]), **MODEL_QUICK),
+    Case("neox-head-lora", "gpt_neox", _lora(r=2, target_modules=[*NEOX, "lm_head"]), **MODEL_QUICK),
+    Case("neox-tokens-embed-and-head", "gpt_neox", _lora(r=2, target_modules=NEOX, trainable_token_indices={"embed_in": [1, 5, 9], "lm_head": [3, 42]}), **MODEL_QUICK),
+    Case("neox-tied-tokens-on-head", "gpt_neox_tied", _tokens(target_modules=["lm_head"], token_indices=[1, 5, 9]), **MODEL_QUICK),
+    # ensure_weight_tying ties only modules named embed_tokens / lm_head: GPT-2's wte and Falcon's word_embeddings untie.
+    Case("gpt2-wte-modules-to-save-tying", "gpt2", _lora(r=2, target_modules=["c_attn"], modules_to_save=["wte"], ensure_weight_tying=True), **MODEL_QUICK),
+    Case("falcon-embedding-lora-tying", "falcon", _lora(r=2, target_modules=[*NEOX, "word_embeddings"], ensure_weight_tying=True), **MODEL_QUICK),
+    # PEFT moves modules_to_save=["lm_head"] to `transformer.wte` and saves both copies, but on loading it ties
+    # nothing (wte is not a name it knows) and loads the head's copy into the shared base weight: its live model
+    # then has no base left to scale from (it runs the trained copy at every c), so only c = 1 has an oracle.
+    Case("gpt2-head-modules-to-save-tying", "gpt2", _lora(r=2, target_modules=["c_attn"], modules_to_save=["lm_head"], ensure_weight_tying=True), schemes=(None,), coeffs=(1,)),
+    Case("gpt2-head-lora-tying", "gpt2", _lora(r=2, target_modules=["c_attn", "lm_head"], ensure_weight_tying=True), **MODEL_QUICK),
+    Case("opt-tokens-same-rows", "opt", _lora(r=2, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 5, 9], "lm_head": [1, 5, 9]}), **MODEL_QUICK),
+    # One shared modules_to_save copy behind the embedding and the head: scaled interpolates it once.
+    Case("llama-tied-embedding-modules-to-save-tying", "llama_tied", _lora(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True), **MODEL_QUICK),
+    # A tied VLM (Gemma 3 loads as Gemma3ForConditionalGeneration) with a LoRA on the head: untied where each version reads it.
+    Case("gemma3-vlm-head-lora", "gemma3", _lora(r=2, target_modules=["lm_head", "q_proj"]), **MODEL_QUICK),
+    # Encoder-decoders: T5's head and embed_tokens are tied to `shared`; BART's head to model.shared.
+    Case("t5-head-and-embed-tokens-lora", "t5", _lora(r=2, target_modules=["q", "v", "lm_head", "embed_tokens"]), **MODEL_QUICK),
+    Case("bart-head-lora", "bart", _lora(r=2, target_modules=["q_proj", "lm_head"]), **MODEL_QUICK),
+    # Other model classes: a sequence classifier (its head stored whole) and a masked LM with a tied decoder.
+    Case("bert-classifier", "bert_cls", _lora(r=2, target_modules=["query", "value"], modules_to_save=["classifier"]), **MODEL_QUICK),
+    Case("modernbert-masked-lm", "modernbert", _lora(r=2, target_modules=["Wqkv", "Wo"]), **MODEL_QUICK),
+]
+MODEL_CASES: list[Case] = [*VLM_CASES, *MOE_CASES, *HEAD_CASES]
 
 CASES = [*TYPE_CASES, *MODEL_CASES]

@@ -33,7 +33,7 @@ def tiny_config(arch: str):
         return tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)
     if arch in TINY_MULTIMODAL or arch in TINY_MOE:
         return (TINY_MULTIMODAL | TINY_MOE)[arch](tf)
-    raise ValueError(arch)
+    return _tiny_model_config(arch, common)
 
 
 # Smaller still (hidden 32, one vision layer): the architecture × adapter table has many of these.
@@ -88,13 +88,52 @@ TINY_MOE = {
 }
 
 
-def build_base(arch: str, folder: Path, *, shard_size: str | None = None, dtype=torch.float32, seed: int = 0) -> Path:
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+def _tiny_model_config(arch: str, common: dict):
+    """Architectures whose embeddings, heads or model class differ (tests/test_models.py, MODEL_CASES)."""
+    import transformers as tf
 
+    small = dict(vocab_size=128, num_attention_heads=4)
+    if arch in ("gpt_neox", "gpt_neox_tied"):  # head stored as embed_out
+        return tf.GPTNeoXConfig(**common, tie_word_embeddings=arch == "gpt_neox_tied")
+    if arch == "falcon":  # tied: transformer.word_embeddings
+        return tf.FalconConfig(**small, hidden_size=64, num_hidden_layers=2)
+    if arch == "opt":  # tied: model.decoder.embed_tokens
+        return tf.OPTConfig(**small, hidden_size=64, ffn_dim=128, num_hidden_layers=2, word_embed_proj_dim=64)
+    if arch == "t5":  # shared, tied to encoder/decoder embed_tokens and lm_head
+        return tf.T5Config(vocab_size=128, d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, decoder_start_token_id=0)
+    if arch == "bart":
+        return tf.BartConfig(
+            vocab_size=128, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+        )
+    if arch == "bert_cls":
+        return tf.BertConfig(**common, max_position_embeddings=64, architectures=["BertForSequenceClassification"])
+    if arch == "modernbert":
+        ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+        return tf.ModernBertConfig(**common, **ids, max_position_embeddings=64, architectures=["ModernBertForMaskedLM"])
+    raise ValueError(arch)
+
+
+SEQ2SEQ = ("t5", "bart")
+
+
+def auto_class(config):
+    """The transformers class for a config: its `architectures` entry, seq2seq for T5/BART, else a causal LM."""
+    import transformers as tf
+
+    names = getattr(config, "architectures", None) or []
+    if names and hasattr(tf, names[0]):
+        return getattr(tf, names[0])
+    if hasattr(config, "vision_config"):
+        return tf.AutoModelForImageTextToText
+    return tf.AutoModelForSeq2SeqLM if config.model_type in SEQ2SEQ else tf.AutoModelForCausalLM
+
+
+def build_base(arch: str, folder: Path, *, shard_size: str | None = None, dtype=torch.float32, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = tiny_config(arch)
-    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-    model = auto.from_config(config).to(dtype)
+    cls = auto_class(config)
+    model = (cls.from_config if hasattr(cls, "from_config") else cls._from_config)(config).to(dtype)
     with torch.no_grad():  # random biases, so bias handling is tested for real
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
@@ -165,12 +204,18 @@ def runtime_logits(base: Path, adapter: Path, coeff: float, scheme: str | None =
 
     model = PeftModel.from_pretrained(load_base(base), adapter).eval()
     with torch.no_grad(), weightsteer.scaled(model, coeff, scheme=scheme):
-        return model(TOKENS).logits
+        return forward_logits(model)
+
+
+def forward_logits(model) -> torch.Tensor:
+    """Logits on TOKENS (seq2seq models: decoding TOKENS' first tokens as well)."""
+    decoder = {"decoder_input_ids": TOKENS[:, :6]} if model.config.is_encoder_decoder else {}
+    return model(input_ids=TOKENS, **decoder).logits
 
 
 def model_logits(path: Path) -> torch.Tensor:
     with torch.no_grad():
-        return load_base(path).eval()(TOKENS).logits
+        return forward_logits(load_base(path).eval())
 
 
 def assert_matches_runtime(base: Path, adapter: Path, out_root: Path, coeffs, scheme: str | None = None, atol: float = ATOL) -> dict:
@@ -191,7 +236,10 @@ def assert_matches_runtime(base: Path, adapter: Path, out_root: Path, coeffs, sc
 
 
 def assert_base_identical(base: Path, out: Path) -> None:
-    """Every tensor of out equals the base's bit for bit (and none is missing)."""
+    """Every tensor of out equals the base's bit for bit (and none is missing), in the base's weight files,
+    with the base's config.json byte for byte (no untied head, no patched flag)."""
+    assert sorted(f.name for f in out.glob("*.safetensors*")) == sorted(f.name for f in base.glob("*.safetensors*"))
+    assert (out / "config.json").read_bytes() == (base / "config.json").read_bytes()
     ours = {}
     for f in sorted(out.glob("*.safetensors")):
         ours.update(load_file(f))

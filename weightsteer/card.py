@@ -138,6 +138,9 @@ def _introduction(provenance: dict, title: str) -> str:
             f"relative error of the change {rounding['relative_error']:.2%}",
         ),
     ]
+    if dropped := result.get("dropped_files"):
+        files = ", ".join(f"`{n}`" for n in dropped)
+        rows.append(("not copied from the base", f"{files}: weights in other formats or copies, which this merge did not rewrite"))
     table = "| | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
     return f"""
 # {title}

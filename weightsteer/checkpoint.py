@@ -132,20 +132,30 @@ class Checkpoint:
 
     @property
     def index_path(self) -> Path | None:
-        path = self.root / INDEX_NAME
-        return path if path.is_file() else None
+        """The shard index the weights are read through, if transformers would read one (see _shard_names)."""
+        return self._index_path
 
     def _shard_names(self) -> list[str]:
-        if self.index_path:
-            self.index = json.loads(self.index_path.read_text())
+        """The weight files, chosen as transformers' from_pretrained chooses them (modeling_utils.
+        _get_resolved_checkpoint_files): config.json `transformers_weights` if set, else model.safetensors,
+        else model.safetensors.index.json. A leftover model.safetensors beside an index wins, as it does there."""
+        self.index, self._index_path = None, None
+        explicit = self.config.get("transformers_weights")
+        if explicit is not None and not (isinstance(explicit, str) and explicit.endswith((".safetensors", ".safetensors.index.json"))):
+            raise BaseModelError(f"{self.root}/config.json names transformers_weights {explicit!r}; weightsteer reads safetensors only.")
+        single, index = self.root / "model.safetensors", self.root / INDEX_NAME
+        if explicit is not None:
+            single, index = (self.root / explicit, None) if explicit.endswith(".safetensors") else (None, self.root / explicit)
+        if single is not None and single.is_file():
+            return [str(single.relative_to(self.root))]
+        if index is not None and index.is_file():
+            self._index_path = index
+            self.index = json.loads(index.read_text())
             names = list(dict.fromkeys(self.index["weight_map"].values()))
             missing = [n for n in names if not (self.root / n).is_file()]
             if missing:
-                raise BaseModelError(f"{self.index_path} names shards that are missing: {', '.join(missing)}.")
+                raise BaseModelError(f"{index} names shards that are missing: {', '.join(missing)}.")
             return names
-        self.index = None
-        if (self.root / "model.safetensors").is_file():
-            return ["model.safetensors"]
         others = sorted(p.name for p in self.root.iterdir() if p.suffix in WEIGHT_FORMATS_REFUSED)
         if others:
             raise BaseModelError(
@@ -171,9 +181,10 @@ class Checkpoint:
         return read_tensor(self.tensors[name], into)
 
     def weight_files(self) -> set[str]:
+        """The files the weights are read from (relative to root): the shards, and the index if there is one."""
         names = set(self.shard_names)
         if self.index_path:
-            names.add(INDEX_NAME)
+            names.add(self.index_path.name)
         return names
 
 

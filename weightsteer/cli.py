@@ -103,6 +103,10 @@ def merge(
     Several adapters, each at its own coeff (ADAPTER@COEFF), make one checkpoint from one pass; for many
     such checkpoints from one read of the base, write a recipe (`weightsteer build`).
 
+    ADAPTER may also be a steering artefact's file or folder, detected from its content: cwsteer, AntiPaSTO /
+    InnerPiSSA, weight-steering w.pt, a llama.cpp control-vector GGUF or a steering-lite vector (see `weightsteer
+    schemes`); vectors become biases after their block, and compose with other adapters like any term.
+
     \b
     Examples:
       weightsteer merge ./honest-adapter --coeff 0.5 -o ./model-honest
@@ -113,6 +117,7 @@ def merge(
       weightsteer merge ./honest-adapter --coeff 0.5 -o ./model-honest --verify
       weightsteer merge ./honest-adapter --coeff 0.5 -o ./model-honest --push user/model-honest --private
       weightsteer merge ./honest-adapter --coeff -1 --coeff 1 -o ./model-honest --gguf --outtype q8_0
+      weightsteer merge honesty.gguf --base ./Llama-3.2-1B --coeff 4 -o ./model-honest
     """
     from .merge import Steer, Target
     from .pipeline import publish_targets
@@ -249,6 +254,8 @@ def _print_published(item: Published, outtype: str) -> None:
         f"wrote {r.path}  ({what}, {len(r.changed_tensors)} tensors changed; "
         f"{r.rounding.swallowed_share:.1%} of changed elements lost to rounding)"
     )
+    if r.dropped_files:
+        click.echo(f"  not copied from the base (weights the merge did not rewrite): {', '.join(r.dropped_files)}")
     if item.gguf:
         click.echo(f"wrote {item.gguf.path}  (GGUF {outtype}, llama.cpp's convert_hf_to_gguf.py)")
     if item.verification:
@@ -472,6 +479,36 @@ def export_lora_command(
         click.echo(result.summary())
         if converted:
             click.echo(f"wrote {converted.path}  (GGUF LoRA, {outtype})")
+
+
+@main.command("export-vector")
+@click.argument("vector")
+@click.option("-o", "--output", required=True, help="GGUF file to write (a llama.cpp control vector).")
+@click.option("-c", "--coeff", type=float, default=1.0, show_default=True, help="Strength folded into the directions.")
+@click.option("--base", help="Base model folder or Hub repo id: check the vector's width and block indices against it.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+@click.option("-q", "--quiet", is_flag=True, help="No summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
+@_fail_cleanly
+def export_vector_command(vector, output, coeff, base, overwrite, quiet, as_json) -> None:
+    """Write the steering VECTOR at COEFF as a llama.cpp control-vector GGUF (direction.N = COEFF·v after block N).
+
+    VECTOR is a control-vector GGUF or a steering-lite .safetensors vector. For architectures where a vector cannot
+    be baked into the weights (Gemma 2/3, Qwen2/3, Mistral, MoE, ...), this is how to run it in llama.cpp.
+
+    \b
+    Examples:
+      weightsteer export-vector honesty.safetensors -o honesty.gguf --coeff 4 --base ./Qwen2.5-0.5B
+      llama-cli -m base.gguf --control-vector honesty.gguf -p "..."
+      llama-cli -m base.gguf --control-vector-scaled honesty.gguf -0.5 -p "..."
+    """
+    from .formats.control_vector import export_vector
+
+    result = export_vector(vector, output, coeff=coeff, base=base, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif not quiet:
+        click.echo(result.summary())
 
 
 @main.command("inspect")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import DTYPES, ShardWriter
 from .errors import AdapterError
-from .planner import Composition, Edit, MergePlan, OutputTensor
+from .planner import Composition, Edit, MergePlan, NewTensor, OutputTensor
 
 
 class StreamTarget(Protocol):
@@ -125,16 +125,16 @@ def stream(
         _keep_freed_memory_for_reuse()
     moved: dict[int, torch.Tensor] = {}
     edits: dict[str, list[Edit | None]] = {}
-    for tensor in plan.edited:
+    for tensor in plan.edited + plan.added:
         for change in tensor.changes.values():
             change.to(device, moved)
         edits[tensor.name] = [plan.edit(tensor, composition) for composition in compositions]
     computed = [t for tensors in plan.shards.values() for t in tensors if _needs_read(t, edits)]
     clock = _PhaseClock()
     # On a GPU, one page-locked buffer for reads and one for writes make host↔device copies fast.
-    largest = max((max(t.source.nbytes, t.nbytes) for t in computed), default=0)
+    largest = max([max(t.source.nbytes, t.nbytes) for t in computed] + [t.nbytes for t in plan.added], default=0)
     pinned = [torch.empty(largest, dtype=torch.uint8, pin_memory=True) for _ in range(2)] if device.type == "cuda" else [None, None]
-    total = sum(t.source.nbytes for tensors in plan.shards.values() for t in tensors)
+    total = sum(_read_bytes(t) for tensors in plan.shards.values() for t in tensors)
     opened: list[ShardWriter] = []
     with (
         ThreadPoolExecutor(1, "weightsteer-read") as reader,
@@ -150,12 +150,15 @@ def stream(
                 shard_writers = [ShardWriter(staging / shard, layout, metadata) for staging in stagings]
                 opened += shard_writers
                 for tensor in tensors:
-                    if _needs_read(tensor, edits):
+                    if isinstance(tensor, NewTensor):  # a change to an all-zero base tensor
+                        outputs = _outputs(tensor, edits[tensor.name], _zeros(tensor, device), results, clock)
+                        writes.submit(_write_all, shard_writers, tensor.name, outputs, clock, pinned[1])
+                    elif _needs_read(tensor, edits):
                         outputs = _outputs(tensor, edits.get(tensor.name), reads.next(), results, clock)
                         writes.submit(_write_all, shard_writers, tensor.name, outputs, clock, pinned[1])
                     else:
                         writes.submit(_copy_all, shard_writers, tensor, clock)
-                    bar.update(tensor.source.nbytes)
+                    bar.update(_read_bytes(tensor))
                 writes.submit(_close_all, shard_writers)
             writes.drain()
         except BaseException:
@@ -209,7 +212,19 @@ class _OrderedWrites:
             self._pending.popleft().result()
 
 
-def _needs_read(tensor: OutputTensor, edits: dict[str, list[Edit | None]]) -> bool:
+def _read_bytes(tensor: OutputTensor | NewTensor) -> int:
+    return 0 if isinstance(tensor, NewTensor) else tensor.source.nbytes
+
+
+def _zeros(tensor: NewTensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base a new tensor is computed from, as _read gives it: (fp32, output dtype)."""
+    zeros = torch.zeros(tensor.shape, device=device)
+    return zeros, zeros.to(DTYPES[tensor.dtype])
+
+
+def _needs_read(tensor: OutputTensor | NewTensor, edits: dict[str, list[Edit | None]]) -> bool:
+    if isinstance(tensor, NewTensor):
+        return False
     edited = any(edit is not None for edit in edits.get(tensor.name, ()))
     return edited or tensor.dtype != tensor.source.dtype
 
@@ -262,6 +277,8 @@ def _merged(tensor: OutputTensor, edit: Edit, base: torch.Tensor, base_rounded: 
         coeffs = ", ".join(f"{step.coeff:g}" for step in edit.steps)
         raise AdapterError(f"Merging {tensor.name} at coeff {coeffs} gives NaN or inf; check the adapter and coeff.")
     rounded = target.to(base_rounded.dtype)
+    if target.shape != base.shape:  # added token rows have no base value: the report leaves them out
+        base, base_rounded = (torch.cat([t, r[t.shape[0] :]]) for t, r in ((base, target), (base_rounded, rounded)))
     before = result.rounding.changed
     result.rounding.add(base, target, rounded, base_rounded)
     if result.rounding.changed > before or not torch.equal(target, base):

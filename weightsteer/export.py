@@ -37,7 +37,7 @@ from .checkpoint import Checkpoint
 from .errors import ExportError
 from .outputs import check_output, publish, remove_quietly, staging_dir
 from .merge import Adapters, open_plan, steers
-from .planner import COMPOSE_MODES, EMBEDDING_SUFFIXES, HEAD, Composition, Edit, MergePlan, OutputTensor, Step, _resolve, _tied_embedding
+from .planner import COMPOSE_MODES, Composition, Edit, MergePlan, OutputTensor, Step, _resolve, tying
 
 PathLike = str | os.PathLike
 DEFAULT_ENERGY = 0.99
@@ -128,6 +128,7 @@ def export_lora(
     opened = open_plan(terms, base=base, task_id=task_id)
     plan, checkpoint, base_ref = opened.plan, opened.plan.checkpoint, opened.base_ref
     composition = Composition(tuple(opened.term(s) for s in terms), compose)
+    _refuse_vectors(plan, composition, opened.refs)
     records = [
         {"adapter": opened.refs[t.adapter], "adapter_type": plan.adapters[t.adapter].peft_type, "coeff": t.coeff, "scheme": t.scheme.name}
         for t in composition.terms
@@ -143,7 +144,7 @@ def export_lora(
         records,
     )
     modules = _module_changes(plan, composition, rank, energy, result, progress)
-    _add_tied_head(modules, checkpoint, plan.config_patch, plan.edited)
+    _add_tied_head(modules, plan.shared_head)
     result.rank = max((m["factors"][0].shape[1] for m in modules.values() if "factors" in m), default=1)
     result.modules = [m["report"] for m in modules.values() if "report" in m]
     staging = staging_dir(output)
@@ -153,6 +154,17 @@ def export_lora(
     finally:
         remove_quietly(staging)
     return result
+
+
+def _refuse_vectors(plan: MergePlan, composition: Composition, refs: list[str]) -> None:
+    """An activation steering vector changes only biases (new ones where the base has none): no LoRA carries it."""
+    for term in composition.terms:
+        parts = {t.changes[term.adapter].part for t in plan.edited if term.adapter in t.changes}
+        if parts <= {"bias"}:
+            raise ExportError(
+                f"{refs[term.adapter]} is an activation steering vector (a bias), not a weight change; "
+                "use `weightsteer export-vector`."
+            )
 
 
 # ---- one module at a time ---------------------------------------------------------------------------
@@ -200,7 +212,7 @@ def _module_changes(
             path, layer, state = first.state.path, first.state.layer, first.state
         else:  # a 2-D tensor the adapter stores whole (modules_to_save, saved embeddings)
             name = replaced.get(tensor.name, tensor.name)
-            path, layer, state = _module_path(name), "embedding" if name.endswith(EMBEDDING_SUFFIXES) else "linear", None
+            path, layer, state = _module_path(name), "embedding" if tying(checkpoint).is_embedding(tensor.name) else "linear", None
         transposed = state is not None and state.fan_in_fan_out
         factors, error, method, proportional = _factor_weight(checkpoint, tensor, edits, transposed, rank, energy)
         linear.append(proportional)
@@ -342,17 +354,12 @@ def _module_path(tensor_name: str) -> str:
     return tensor_name.rsplit(".", 1)[0]
 
 
-def _add_tied_head(modules: dict[str, dict], checkpoint: Checkpoint, config_patch: dict, edited: list[OutputTensor]) -> None:
+def _add_tied_head(modules: dict[str, dict], head: str | None) -> None:
     """A merge that keeps the head tied changes it with the embedding; a plain LoRA on the embedding does not,
-    so the LoRA gets an lm_head module with the same change."""
-    embedding = _tied_embedding(checkpoint)
-    if embedding is None or "tie_word_embeddings" in config_patch:
+    so the LoRA gets a module for the head (`plan.shared_head`) with the same change."""
+    entry = next((m for m in modules.values() if m.get("layer") == "embedding" and "factors" in m), None) if head else None
+    if entry is None:
         return
-    states = [c.state for t in edited if t.name == embedding for c in t.changes.values() if c.state is not None]
-    entry = modules.get(states[0].path) if states else None
-    if entry is None or "factors" not in entry:
-        return
-    head = HEAD.removesuffix(".weight")
     report = replace(entry["report"], module=head, layer="linear")
     modules[head] = {"factors": entry["factors"], "layer": "linear", "report": report}
 

@@ -46,6 +46,11 @@ class AdapterReport:
 
 def inspect(adapter: str | Path, base: str | Path | None = None) -> AdapterReport:
     """Describe an adapter; with `base`, also measure ‖ΔW‖/‖W‖ per changed tensor at coeff 1."""
+    from .formats import detect_format
+
+    fmt = detect_format(Path(adapter).expanduser()) if Path(adapter).expanduser().exists() else None
+    if fmt is not None:
+        return _format_report(fmt, Path(adapter).expanduser(), base)
     folder = resolve(str(adapter), "adapter")
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
@@ -72,6 +77,33 @@ def inspect(adapter: str | Path, base: str | Path | None = None) -> AdapterRepor
     report.targets = sorted([*modules, *replaced])
     default = family.scheme(None)
     report.scheme = {"name": default.name, "formula": default.formula, "meaning": default.meaning}
+    if base is not None:
+        report.changes = _changes(loaded, Checkpoint(resolve(str(base), "base")), default)
+    return report
+
+
+def _format_report(fmt, path: Path, base: str | Path | None) -> AdapterReport:
+    """A steering format's artefact: its format name, what it steers, and (with a base) the tensors it changes."""
+    from .formats.vectors import VectorArtefact
+
+    report = AdapterReport(str(path), fmt.name, "refused")
+    try:
+        loaded = fmt.read(path)
+    except UnsupportedAdapterError as e:
+        report.reason = str(e)
+        return report
+    default = loaded.family.scheme(None)
+    report.merge, report.reason = "exact", f"{fmt.summary}; runtime twin: {fmt.runtime}"
+    report.base_model = loaded.base_model
+    report.parameters = sum(t.numel() for t in loaded.tensors.values())
+    report.scheme = {"name": default.name, "formula": default.formula, "meaning": default.meaning}
+    if isinstance(loaded, VectorArtefact):
+        blocks = sorted(loaded.directions())
+        report.targets = [f"after block {n}" for n in blocks]
+        if 0 in blocks and fmt.name == "control-vector-gguf":
+            report.reason += "; warning: it holds direction.0, which makes llama.cpp reject the file (weightsteer bakes it after block 0)"
+    else:
+        report.targets = sorted({name.rpartition("|")[0] or name.rpartition(".")[0] for name in loaded.tensors})
     if base is not None:
         report.changes = _changes(loaded, Checkpoint(resolve(str(base), "base")), default)
     return report

@@ -11,10 +11,11 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .adapters import Adapter, load_adapter
+from .adapters import Adapter
 from .checkpoint import DTYPES, Checkpoint
 from .engine import RoundingReport, stream
 from .errors import BaseModelError, OutputError, SchemeError
+from .formats import Artefact, load_artefact, reference
 from .outputs import check_output, publish, remove_quietly, staging_dir
 from .planner import COMPOSE_MODES, Composition, MergePlan, Term, plan_merge
 from .provenance import finish_output
@@ -27,7 +28,7 @@ PathLike = str | os.PathLike
 class Steer:
     """One adapter at its own strength: a term of a composition."""
 
-    adapter: PathLike  # folder or Hub repo id
+    adapter: PathLike | object  # folder or Hub repo id, a steering artefact's file, or a Python vector object
     coeff: float = 1.0
     scheme: str | None = None  # default: the family's default ("linear")
 
@@ -66,6 +67,7 @@ class MergeResult:
     seconds: dict[str, float] = field(default_factory=dict)  # read / compute / write, shared by one run
     terms: list[TermResult] = field(default_factory=list)
     compose: str = "chain"
+    dropped_files: list[str] = field(default_factory=list)  # base files holding weights the merge did not rewrite
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -74,7 +76,7 @@ class MergeResult:
         return data
 
 
-Adapters = PathLike | Steer | Sequence[Steer]
+Adapters = PathLike | Steer | Sequence[Steer] | object  # object: a Python steering vector (see load_artefact)
 
 
 def merge(
@@ -93,8 +95,11 @@ def merge(
 ) -> Path:
     """Merge `adapter` into its base at strength `coeff` and write a standalone checkpoint to `output`.
 
-    `adapter` is a folder or Hub repo id (at `coeff`, read by `scheme`), or a `Steer` or a list of them:
-    several adapters, each at its own coeff, in one pass (`compose`: "chain" or "sum", see the README).
+    `adapter` (at `coeff`, read by `scheme`) is a PEFT adapter folder or Hub repo id, a steering artefact's
+    file or folder (cwsteer, AntiPaSTO, weight-steering w.pt, a control-vector GGUF, a steering-lite vector)
+    or a Python vector object (repeng ControlVector, steering-vectors SteeringVector, steering-lite Vector);
+    or a `Steer` of any of these, or a list of Steers: several adapters, each at its own coeff, in one pass
+    (`compose`: "chain" or "sum", see the README).
     `base` defaults to the adapters' common base_model_name_or_path; both may be local folders or Hub
     repo ids. `scheme` picks how coeff is read (default "linear"; see `weightsteer schemes`); for Steers
     it is the default of those that name none. `task_id` selects the task of a Poly adapter. Returns the
@@ -106,20 +111,20 @@ def merge(
 
 
 def steers(adapter: Adapters, coeff: float = 1.0, scheme: str | None = None) -> tuple[Steer, ...]:
-    """The terms `adapter` names: a folder / repo id at coeff, a Steer, or a list of Steers."""
+    """The terms `adapter` names: an adapter (path, repo id or vector object) at coeff, a Steer, or a list of Steers."""
     if isinstance(adapter, Steer):
         items = [adapter]
-    elif isinstance(adapter, (str, os.PathLike)):
-        items = [Steer(adapter, coeff, scheme)]
-    else:
+    elif isinstance(adapter, (list, tuple)):
         items = list(adapter)
         if not items or not all(isinstance(item, Steer) for item in items):
-            raise SchemeError("Pass an adapter folder or repo id, a Steer, or a non-empty list of Steers.")
+            raise SchemeError("Pass an adapter folder or repo id, a vector object, a Steer, or a non-empty list of Steers.")
+    else:
+        items = [Steer(adapter, coeff, scheme)]
     return tuple(Steer(s.adapter, finite_coeff(s.coeff), s.scheme or scheme) for s in items)
 
 
 def merge_many(
-    adapter: PathLike,
+    adapter: PathLike | object,
     outputs: Mapping[float, PathLike],
     *,
     base: PathLike | None = None,
@@ -166,9 +171,15 @@ def merge_targets(
     stagings = [staging_dir(r.path) for r in results]
     plan = opened.plan
     try:
-        stream(plan, compositions, results, stagings, torch.device(device or "cpu"), progress)
-        for result, composition, staging in zip(results, compositions, stagings):
-            finish_output(plan, opened, composition, result, staging, results)
+        # An output whose every term is a no-op (coeff 0) is the base in its own layout: no untied head, no grown vocabulary.
+        base_plan = plan.at_base()
+        for layout in (plan, base_plan):
+            group = [i for i, c in enumerate(compositions) if all(t.is_noop for t in c.terms) == (layout is base_plan)]
+            if group:
+                picked = [compositions[i] for i in group], [results[i] for i in group], [stagings[i] for i in group]
+                stream(layout, *picked, torch.device(device or "cpu"), progress)
+                for i in group:
+                    finish_output(layout, opened, compositions[i], results[i], stagings[i], results)
         for result, staging in zip(results, stagings):
             publish(staging, result.path)
     finally:
@@ -204,38 +215,48 @@ class Opened:
     refs: list[str]  # each adapter as the user named it, by index in plan.adapters
     base_ref: str
     options: dict[str, object]
+    keys: list[object]  # each adapter's identity (_key), by index in plan.adapters
 
     def term(self, steer: Steer) -> Term:
-        index = self.refs.index(str(steer.adapter))
+        index = self.keys.index(_key(steer.adapter))
         return Term(index, finite_coeff(steer.coeff), self.plan.adapters[index].family.scheme(steer.scheme))
 
 
 def open_plan(
-    adapters: PathLike | Sequence[Steer],
+    adapters: Adapters,
     *,
     base: PathLike | None = None,
     task_id: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> Opened:
-    """Load the adapters (each once), read the base's headers and plan every change; schemes are checked too."""
+    """Load the adapters and steering artefacts (each once), read the base's headers and plan every change;
+    schemes are checked too."""
     items = steers(adapters)
-    refs = list(dict.fromkeys(str(s.adapter) for s in items))
-    loaded = [load_adapter(resolve(ref, "adapter")) for ref in refs]
+    unique = list({_key(s.adapter): s.adapter for s in items}.values())
+    loaded = [load_artefact(adapter) for adapter in unique]
+    refs = [reference(adapter, artefact) for adapter, artefact in zip(unique, loaded)]
     base_ref = str(base) if base is not None else _common_base(refs, loaded)
     if task_id is not None and not any("task_id" in a.family.options for a in loaded):
         raise SchemeError(f"--task-id applies to Poly adapters only; {loaded[0].path} is a {loaded[0].peft_type} adapter.")
     options: dict[str, object] = {"task_id": task_id} if task_id is not None else {}
     checkpoint = Checkpoint(resolve(base_ref, "base"))
-    opened = Opened(plan_merge(checkpoint, loaded, dtype, options), refs, base_ref, options)
+    opened = Opened(plan_merge(checkpoint, loaded, dtype, options), refs, base_ref, options, [_key(a) for a in unique])
     for steer in items:
         opened.term(steer)  # an unknown scheme is refused before any work
     return opened
 
 
+def _key(adapter: object) -> object:
+    """What makes two terms the same adapter: the path or repo id as named, else the Python object itself."""
+    return str(adapter) if isinstance(adapter, (str, os.PathLike)) else id(adapter)
+
+
 def _common_base(refs: Sequence[str], loaded: Sequence[Adapter]) -> str:
     named = {ref: adapter.base_model for ref, adapter in zip(refs, loaded) if adapter.base_model}
     if not named:
-        raise BaseModelError(f"{loaded[0].path}/adapter_config.json names no base_model_name_or_path; pass --base.")
+        first = loaded[0]
+        source = f"the {first.peft_type} artefact {first.path}" if isinstance(first, Artefact) else f"{first.path}/adapter_config.json"
+        raise BaseModelError(f"{source} names no base model; pass --base (base=...).")
     if len(set(named.values())) > 1:
         listing = "; ".join(f"{ref}: {b}" for ref, b in named.items())
         raise BaseModelError(f"The adapters name different base models ({listing}); pass --base to choose one.")

@@ -44,16 +44,30 @@ def publish(staging: Path, output: Path) -> None:
         shutil.rmtree(old)
 
 
-def copy_support_files(checkpoint: Checkpoint, staging: Path, config_patch: dict[str, object]) -> list[str]:
-    """Copy every non-weight file of the base (tokenizer, generation config, license, ...) unchanged."""
+# Files and folders that hold weights in another format or another copy; the merge rewrites only the
+# safetensors it read, so any of these would shadow or contradict it (vLLM prefers Mistral's consolidated file,
+# transformers loads a stray adapter_config.json as an adapter, runtimes pick up ONNX / OpenVINO / CoreML copies).
+STALE_WEIGHT_SUFFIXES = (
+    *WEIGHT_FORMATS_REFUSED, ".safetensors", ".onnx", ".onnx_data", ".tflite", ".ot", ".mlmodel", ".npz", ".index.json",
+)
+STALE_WEIGHT_NAMES = ("adapter_config.json", "openvino_model.xml")
+STALE_WEIGHT_DIRS = ("onnx", "original", "openvino", "coreml", "tflite")
+STALE_WEIGHT_DIR_SUFFIXES = (".mlpackage", ".mlmodelc")
+
+
+def copy_support_files(checkpoint: Checkpoint, staging: Path, config_patch: dict[str, object]) -> tuple[list[str], list[str]]:
+    """Copy every non-weight file of the base (tokenizer, generation config, license, ...) unchanged.
+
+    Returns (copied, dropped): dropped are the base's files that hold weights the merge did not rewrite."""
     skip = checkpoint.weight_files() | {CARD_NAME}
-    copied = []
+    copied, dropped = [], []
     for source in sorted(checkpoint.root.rglob("*")):
         relative = source.relative_to(checkpoint.root)
         if source.is_dir() or relative.parts[0] in SKIPPED_DIRS or str(relative) in skip:
             continue
-        if source.suffix in WEIGHT_FORMATS_REFUSED or source.name.endswith(".safetensors"):
-            continue  # weights in other formats would contradict the merged ones
+        if _holds_weights(relative):
+            dropped.append(str(relative))
+            continue
         target = staging / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         if str(relative) == "config.json" and config_patch:
@@ -61,27 +75,66 @@ def copy_support_files(checkpoint: Checkpoint, staging: Path, config_patch: dict
         else:
             shutil.copyfile(source, target)  # follows the Hub cache's symlinks
         copied.append(str(relative))
+    return copied, dropped
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
+
+
+def copy_tokenizer_files(source: Path, staging: Path) -> list[str]:
+    """Copy the tokenizer files of `source` (an adapter that added tokens ships its tokenizer) over the base's."""
+    copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    for name in copied:
+        shutil.copyfile(source / name, staging / name)
     return copied
 
 
+def _holds_weights(relative: Path) -> bool:
+    folders = relative.parts[:-1]
+    return (
+        relative.name.endswith(STALE_WEIGHT_SUFFIXES)
+        or relative.name in STALE_WEIGHT_NAMES
+        or any(f.lower() in STALE_WEIGHT_DIRS or f.endswith(STALE_WEIGHT_DIR_SUFFIXES) for f in folders)
+    )
+
+
 def patch_json_text(text: str, patch: dict[str, object]) -> str:
-    """Set top-level keys in a JSON document, leaving every other byte as it was."""
+    """Set keys in a JSON document, leaving every other byte as it was. A dotted key ("text_config.vocab_size")
+    sets a key of a nested object that exists (the key is skipped where the object does not)."""
     spans, closing = _top_level_spans(text)
+    nested: dict[str, dict[str, object]] = {}
     edits = []
     missing = {}
     for key, value in patch.items():
-        if key in spans:
+        outer, dot, inner = key.partition(".")
+        if dot and outer in spans and key not in spans:
+            nested.setdefault(outer, {})[inner] = value
+        elif key in spans:
             edits.append((*spans[key], json.dumps(value)))
         else:
             missing[key] = value
+    for outer, inner_patch in nested.items():
+        start, end = spans[outer]
+        if text[start] == "{":
+            edits.append((start, end, patch_json_text(text[start:end], inner_patch)))
     if missing:
         indent = _indent(text)
         added = "".join(f",\n{indent}{json.dumps(k)}: {json.dumps(v)}" for k, v in missing.items())
         end = text.rstrip()[:closing].rstrip()
-        edits.append((len(end), closing, added + "\n"))
+        edits.append((len(end), closing, added + "\n" + _closing_indent(text, closing)))
     for start, end, replacement in sorted(edits, reverse=True):
         text = text[:start] + replacement + text[end:]
     return text
+
+
+def _closing_indent(text: str, closing: int) -> str:
+    """The whitespace before the closing brace on its own line (none at the top level)."""
+    line_start = text.rfind("\n", 0, closing) + 1
+    before = text[line_start:closing]
+    return before if not before.strip() else ""
 
 
 def _top_level_spans(text: str) -> tuple[dict[str, tuple[int, int]], int]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Sequence
 from . import __version__
 from .card import base_license, write_card
 from .errors import AdapterError
-from .outputs import PROVENANCE_NAME, copy_support_files, write_index
+from .outputs import PROVENANCE_NAME, copy_support_files, copy_tokenizer_files, write_index
 from .planner import Composition, MergePlan, Term
 from .resolve import snapshot_revision
 
@@ -35,7 +35,7 @@ def finish_output(
             f"Merging {named} changes no tensor: every delta is zero. "
             "Is the adapter still at its initialisation (e.g. LoRA B = 0)?"
         )
-    out_dtype = {t.dtype for t in plan.edited} or {"unchanged"}
+    out_dtype = {t.dtype for t in plan.edited + plan.added} or {"unchanged"}
     if result.rounding.swallowed_share > ROUNDING_WARN_SHARE:
         result.warnings.append(
             f"{result.rounding.summary('/'.join(sorted(out_dtype)))}. Most of the change is lost; "
@@ -45,7 +45,10 @@ def finish_output(
         weight_map = {t.name: shard for shard, tensors in plan.shards.items() for t in tensors}
         total = sum(t.nbytes for tensors in plan.shards.values() for t in tensors)
         write_index(staging, weight_map, total, plan.checkpoint.index.get("metadata", {}))
-    copy_support_files(plan.checkpoint, staging, plan.config_patch)
+    _, result.dropped_files = copy_support_files(plan.checkpoint, staging, plan.config_patch)
+    # A grown vocabulary (added tokens) needs the tokenizer that knows them: the adapters', where they ship one.
+    resized = any(key.endswith("vocab_size") for key in plan.config_patch)
+    tokenizer_from_adapter = [n for t in composition.terms for n in copy_tokenizer_files(plan.adapters[t.adapter].path, staging)] if resized else []
     terms = [_term_record(plan, opened, term) for term in composition.terms]
     single = terms[0] if len(terms) == 1 else None
     provenance = {
@@ -63,6 +66,7 @@ def finish_output(
         "compose": composition.compose,
         "options": dict(opened.options),
         "config_patch": plan.config_patch,
+        "tokenizer_from_adapter": tokenizer_from_adapter,
         "result": result.to_dict() | {"path": None},
         "siblings": [{"coeff": r.coeff, "name": r.path.name, "terms": [asdict(t) for t in r.terms]} for r in results if r is not result],
     }

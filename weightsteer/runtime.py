@@ -9,7 +9,7 @@ from typing import Iterator, Mapping
 import torch
 
 from .adapters import family_for
-from .adapters.base import MODEL_PREFIX, Scheme, scale_scaling
+from .adapters.base import MODEL_PREFIX, scale_scaling
 from .errors import SchemeError
 
 PEFT_ONLY_KWARGS = ("task_ids", "adapter_names")  # tuner-layer arguments the wrapped base layer does not take
@@ -107,8 +107,8 @@ def _scaled_adapter(model: torch.nn.Module, adapter: str, coeff: float, scheme: 
             stack.callback(family.set_live_state, module, adapter, state)
         for module, state in states:
             family.set_live_state(module, adapter, apply(state, coeff))
-        for wrapper in wrappers:
-            stack.enter_context(_interpolated(wrapper, adapter, coeff, chosen))
+        if chosen.interpolates_replacements:
+            stack.enter_context(_interpolated(_stored_whole(wrappers, adapter), coeff))
         yield
 
 
@@ -132,19 +132,26 @@ def _delta_hook(module: torch.nn.Module, coeff: float):
         handle.remove()
 
 
+def _stored_whole(wrappers: list, adapter: str) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(trained parameter, its base value) for every modules_to_save copy, each Parameter once: with
+    ensure_weight_tying the head's wrapper shares the embedding's copy (peft/utils/other.py,
+    ModulesToSaveWrapper tied_module), and interpolating it once per wrapper would give strength c²."""
+    pairs: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+    for wrapper in wrappers:
+        original = dict(wrapper.original_module.named_parameters())
+        for name, p in wrapper.modules_to_save[adapter].named_parameters():
+            pairs.setdefault(id(p), (p, original[name]))
+    return list(pairs.values())
+
+
 @contextmanager
-def _interpolated(wrapper: torch.nn.Module, adapter: str, coeff: float, scheme: Scheme):
+def _interpolated(pairs: list[tuple[torch.nn.Parameter, torch.Tensor]], coeff: float):
     """modules_to_save copies: p(c) = p₀ + c(p₁ − p₀), as the merge writes them."""
-    if not scheme.interpolates_replacements:
-        yield
-        return
-    trained = dict(wrapper.modules_to_save[adapter].named_parameters())
-    original = dict(wrapper.original_module.named_parameters())
-    saved = {name: p.detach().clone() for name, p in trained.items()}
-    for name, p in trained.items():
-        p.data.copy_(original[name] + coeff * (saved[name] - original[name]))
+    saved = [p.detach().clone() for p, _ in pairs]
+    for (p, original), trained in zip(pairs, saved):
+        p.data.copy_(original + coeff * (trained - original))
     try:
         yield
     finally:
-        for name, p in trained.items():
-            p.data.copy_(saved[name])
+        for (p, _), trained in zip(pairs, saved):
+            p.data.copy_(trained)

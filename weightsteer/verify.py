@@ -197,6 +197,8 @@ def verify(
     merged = Path(merged)
     recorded = _recorded(merged)
     terms = _recorded_terms(merged, recorded, adapter, coeff, scheme)
+    for term in terms:
+        _refuse_formats(term["adapter"], term["adapter_type"])
     refs = list(dict.fromkeys(t["adapter"] for t in terms))
     revisions = {t["adapter"]: t.get("adapter_revision") for t in terms}
     loaded = [load_adapter(resolve(ref, "adapter", revisions[ref])) for ref in refs]
@@ -245,16 +247,31 @@ def _recorded_terms(merged: Path, recorded: dict, adapter: PathLike | None, coef
                 f"{merged} has no {PROVENANCE_NAME} naming its adapter and coeff; pass them (--adapter, --coeff)."
             )
         recorded_scheme = (recorded.get("scheme") or {}).get("name")
-        return [{"adapter": ref, "coeff": coeff, "scheme": scheme or recorded_scheme, "adapter_revision": _pinned(recorded, ref, "adapter", "adapter_revision")}]
+        return [{"adapter": ref, "coeff": coeff, "scheme": scheme or recorded_scheme, "adapter_revision": _pinned(recorded, ref, "adapter", "adapter_revision"),
+                 "adapter_type": recorded.get("adapter_type")}]
     if coeff is not None and len(recorded["terms"]) > 1:
         raise VerificationError(
             f"{merged} is a composition of {len(recorded['terms'])} adapters, each at its own coeff; --coeff needs --adapter."
         )
     return [
         {"adapter": t["adapter"], "coeff": coeff if coeff is not None else t["coeff"], "scheme": scheme or t["scheme"]["name"],
-         "adapter_revision": t.get("adapter_revision")}
+         "adapter_revision": t.get("adapter_revision"), "adapter_type": t.get("adapter_type")}
         for t in recorded["terms"]
     ]
+
+
+def _refuse_formats(adapter_ref: str, recorded_type: str | None) -> None:
+    """verify runs PEFT's forward; a non-PEFT steering format has no PEFT model to run."""
+    from .formats import FORMATS, detect_format
+
+    path = Path(adapter_ref).expanduser()
+    fmt = detect_format(path) if path.exists() else None
+    name = fmt.name if fmt is not None else recorded_type if recorded_type in FORMATS else None
+    if name is not None:
+        raise VerificationError(
+            f"{adapter_ref} is a {name} artefact, not a PEFT adapter: verify compares against PEFT's forward, which it "
+            f"does not have. Compare with the format's own runtime instead ({FORMATS.get(name).runtime})."
+        )
 
 
 def _recorded(merged: Path) -> dict:
@@ -288,6 +305,8 @@ class _Checker:
         self.base, self.merged = base, merged
         self.task_id = options.get("task_id")
         self.plan = plan_merge(base, adapters, None, options)
+        if all(t.is_noop for t in composition.terms):  # a coeff-0 merge is the base, in the base's layout
+            self.plan = self.plan.at_base()
         self.outputs = {t.name: t for tensors in self.plan.shards.values() for t in tensors}
         self.edits = {t.name: self.plan.edit(t, composition) for t in self.plan.edited}
         self.peft_configs = [PeftConfig.from_pretrained(str(adapter.path)) for adapter in adapters]
@@ -716,10 +735,15 @@ def _loading_bars(enabled: bool) -> Iterator[None]:
 
 
 def _load_model(path: Path, dtype: torch.dtype):
+    """The class config.json `architectures` names (causal LM, seq2seq, classifier, image-text-to-text, ...);
+    AutoModelForCausalLM where transformers does not know it (remote code)."""
     from transformers import AutoModelForCausalLM
 
+    from .anatomy import model_class
+
     placement = {"device_map": "auto"} if torch.cuda.is_available() else {}  # spread a big model over the GPUs
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement)
+    cls = model_class(json.loads((path / "config.json").read_text())) or AutoModelForCausalLM
+    return cls.from_pretrained(path, dtype=dtype, **placement)
 
 
 def _run(model, ids: torch.Tensor, **forward_kwargs) -> Run:
@@ -728,7 +752,12 @@ def _run(model, ids: torch.Tensor, **forward_kwargs) -> Run:
 
     ids = ids.to(model.device)[None]
     forward_kwargs = {k: v.to(model.device) for k, v in forward_kwargs.items()}
-    logits = model(input_ids=ids, **forward_kwargs).logits[0].float().cpu()
+    decoder = {"decoder_input_ids": ids} if getattr(model.config, "is_encoder_decoder", False) else {}  # the prompt, teacher-forced
+    logits = model(input_ids=ids, **decoder, **forward_kwargs).logits[0].float().cpu()
+    if logits.dim() == 1:  # a sequence classifier: one row of class logits per prompt
+        logits = logits[None]
+    if not model.can_generate():  # classifiers, encoders: logits only
+        return logits, []
     eos = model.generation_config.eos_token_id
     pad = (eos[0] if isinstance(eos, list) and eos else eos) or 0
     greedy = GenerationConfig(do_sample=False, max_new_tokens=GREEDY_TOKENS, eos_token_id=eos, pad_token_id=pad)
@@ -741,7 +770,7 @@ def _logits_check(expected: list[Run], got: list[Run], atol: float) -> LogitsChe
     merged = torch.cat([logits for logits, _ in got])
     p_log, q_log = reference.double().log_softmax(-1), merged.double().log_softmax(-1)
     kl = (p_log.exp() * (p_log - q_log)).sum(-1).clamp_min(0)  # ≥ 0 up to rounding
-    agreements = [_shared_prefix(a, b) / max(len(a), len(b), 1) for (_, a), (_, b) in zip(expected, got)]
+    agreements = [_shared_prefix(a, b) / max(len(a), len(b)) if a or b else 1.0 for (_, a), (_, b) in zip(expected, got)]
     return LogitsCheck(
         positions=reference.shape[0],
         max_abs=float((reference - merged).abs().max()),

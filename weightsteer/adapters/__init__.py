@@ -55,7 +55,7 @@ BUILTIN = {
     "ADAMSS": "weightsteer.adapters.adamss:AdaMSS",
 }
 
-FAMILIES = Registry(BUILTIN)
+FAMILIES = Registry(BUILTIN, AdapterFamily)
 
 _VIRTUAL_TOKENS = (
     "{name} adds learned virtual tokens in front of the input; it changes no weight, so there is nothing to bake "
@@ -142,6 +142,10 @@ class Adapter:
         """Base tensors the adapter stores whole (modules_to_save, trained biases, saved embeddings)."""
         return split_keys(self.tensors, self.family.tokens, self.family.shared_tokens, nested=self.family.nested)[1]
 
+    def config_patch(self, base_config: Mapping[str, object]) -> dict[str, object]:
+        """config.json keys the merged model needs to load the change (e.g. mlp_bias for a new bias); none for PEFT."""
+        return {}
+
 
 def load_adapter(path: str | Path) -> Adapter:
     """Read adapter_config.json and the adapter weights from a local folder."""
@@ -187,6 +191,11 @@ def scheme_table() -> str:
         if family.knob_names():
             knobs = ", ".join(f"`knob:{k}`" for k in family.knob_names())
             rows.append(f"| {family.name} | {knobs} | p → c·p for that one parameter | as PEFT computes it | **no** |")
+    from ..formats import all_formats  # formats import this package
+
+    for fmt in all_formats():
+        for scheme in fmt.family.schemes.values():
+            rows.append(f"| {fmt.name} (format) | `{scheme.name}` (default) | {scheme.formula} | {scheme.meaning} | yes |")
     return "\n".join(rows)
 
 

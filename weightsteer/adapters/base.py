@@ -143,8 +143,13 @@ class AdapterFamily:
         return False
 
     def changes_weight(self, state: ModuleState) -> bool:
-        """False for families that only change the bias (BEFT): the weight is copied, not recomputed."""
+        """False for a change that only touches the bias (BEFT, a steering vector): the weight is copied, not recomputed."""
         return True
+
+    def adds_bias(self, state: ModuleState) -> bool:
+        """True where the change creates a bias the base module lacks (a steering vector): the planner writes it as
+        a new tensor, bias(state, zeros). False (default): a bias changes only where the base has one."""
+        return False
 
     def check_shapes(self, state: ModuleState, weight_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None) -> None:
         """Raise AdapterError if the module's tensors cannot apply to a base weight of this shape."""
@@ -215,17 +220,20 @@ class ShapeLookup:
     """Shapes of base tensors, by module path, for families that size things from the base.
 
     `names` (weightsteer.names.CheckpointNames) maps model paths to stored names as the planner does; without
-    it, a stored name that shares the path's suffix is taken. `read` (stored name → tensor) gives the data, for
-    the few families whose layout PEFT derives from the base weights at load (AdaMSS's subspaces)."""
+    it, a stored name that shares the path's suffix is taken. `config` is the base's config.json, for formats that
+    depend on the architecture (steering vectors). `read` (stored name → tensor) gives the data, for the few
+    families whose layout PEFT derives from the base weights at load (AdaMSS's subspaces)."""
 
     def __init__(
         self,
         shapes: Mapping[str, tuple[int, ...]],
         names: "CheckpointNames | None" = None,
+        config: Mapping[str, object] | None = None,
         read: Callable[[str], torch.Tensor] | None = None,
     ):
         self.shapes = shapes
         self.names = names
+        self.config = config or {}
         self.read = read
 
     def weight(self, path: str) -> tuple[int, ...] | None:

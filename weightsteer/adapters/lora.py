@@ -20,6 +20,7 @@ PEFT forward (peft/tuners/lora/layer.py, variants.py):
 from __future__ import annotations
 
 import math
+import re
 
 from typing import TYPE_CHECKING
 
@@ -67,6 +68,7 @@ ALORA_REASON = (
     "effect depends on the input and no fixed weight reproduces it (PEFT cannot merge it either). Keep it as a "
     "runtime adapter, or train an ordinary LoRA."
 )
+PEFT_TIED_NAMES = ("embed_tokens", "lm_head")  # peft.utils.constants.EMBEDDING_LAYER_NAMES: the names PEFT ties by
 
 
 def _scale(state: ModuleState, c: float) -> ModuleState:
@@ -110,7 +112,7 @@ class LoRA(AdapterFamily):
             params = {_unnested(n): t for n, t in params.items() if not n.startswith(TRAINING_ONLY)}
             if TOKEN_ROWS in params:
                 states.append(token_state(path, params.pop(TOKEN_ROWS), _token_indices(config, path)))
-            if not params:
+            if not params or not _loaded_by_peft(config, path):
                 continue
             target = _targeted_parameter(config, path, base_shapes)
             if target is not None:
@@ -160,7 +162,15 @@ class LoRA(AdapterFamily):
     def tied_head_follows(self, config):
         # With trainable_token_indices PEFT ties the head's token adapter to the embedding's
         # (peft/utils/other.py, should_apply_tying); rows saved for the head as well mean it was not tied.
-        return bool(config.get("ensure_weight_tying")) or config.get("trainable_token_indices") is not None
+        # ensure_weight_tying ties only when target_modules or modules_to_save name a module PEFT_TIED_NAMES knows
+        # (BaseTuner._check_tied_modules): with GPT-2's `wte` or Falcon's `word_embeddings` the head stays the base.
+        if config.get("trainable_token_indices") is not None:
+            return True
+        named = [*(config.get("modules_to_save") or []), *_list(config.get("target_modules"))]
+        by_pattern = isinstance(config.get("target_modules"), str) and any(
+            re.fullmatch(config["target_modules"], n) for n in PEFT_TIED_NAMES
+        )
+        return bool(config.get("ensure_weight_tying")) and (by_pattern or any(n.split(".")[-1] in PEFT_TIED_NAMES for n in named))
 
     def check_shapes(self, state, weight_shape, bias_shape):
         if ROWS in state.tensors:
@@ -276,6 +286,20 @@ class LoRA(AdapterFamily):
             transposed = getattr(layer, "fan_in_fan_out", False) and state.layer != "embedding"
             dora.weight.data.copy_(_magnitude(state, weight.T if transposed else weight))
             dora._cache_clear()
+
+
+def _list(value: object) -> list[str]:
+    return list(value) if isinstance(value, (list, tuple, set)) else []
+
+
+def _loaded_by_peft(config: dict, path: str) -> bool:
+    """With ensure_weight_tying PEFT saves the tied head's LoRA (a view of the embedding's) but its saved
+    target_modules no longer name the head; loading wraps only what target_modules names
+    (check_target_module_exists: the path, or a suffix after a dot), so such head weights are never loaded."""
+    targets = config.get("target_modules")
+    if not config.get("ensure_weight_tying") or not isinstance(targets, list):
+        return True
+    return any(path == t or path.endswith("." + t) for t in targets)
 
 
 def _targeted_parameter(config: dict, path: str, base_shapes: ShapeLookup) -> tuple[str, "ModelParameter"] | None:
