@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConverterError
-from .outputs import check_file_output
 
 ENV_DIR = "WEIGHTSTEER_LLAMA_CPP"
 ENV_PYTHON = "WEIGHTSTEER_CONVERTER_PYTHON"
@@ -126,6 +125,8 @@ def _model_folder(model: str | os.PathLike) -> Path:
 
 def _target(output: str | os.PathLike | None, source: Path, outtype: str, overwrite: bool, inputs: dict[str, Path]) -> Path:
     """The GGUF file to write; the rules of outputs.py: replace only a GGUF file, never inside or over an input."""
+    from .outputs import check_file_output  # outputs imports torch: not at import time (`weightsteer --help`)
+
     if outtype not in OUTTYPES:
         raise ConverterError(f"--outtype must be one of {', '.join(OUTTYPES)}; got {outtype!r}.")
     target = Path(output) if output is not None else source.resolve().with_name(f"{source.resolve().name}-{outtype}.gguf")
