@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,13 @@ def test_readme_python_code_runs(bases, tmp_path, monkeypatch, hub):  # noqa: F8
     assert blocks and "report.passed" not in README  # VerifyReport has .ok
     monkeypatch.chdir(tmp_path)
     make_adapter(bases("llama"), tmp_path / "honest-adapter", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    # "Combining adapters": two adapters, a base folder and the README's own recipe.
+    shutil.copytree(bases("llama"), tmp_path / "base")
+    make_adapter(bases("llama"), tmp_path / "honest", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=2)
+    make_adapter(bases("llama"), tmp_path / "formal", LoraConfig(r=2, target_modules=["v_proj", "o_proj"]), seed=3)
+    (tmp_path / "recipe.yaml").write_text(re.search(r"```yaml\n(.*?)```", README, re.S)[1])
     namespace = {"base_model": load_base(bases("llama")), "input_ids": TOKENS}
     for number, block in enumerate(blocks, 1):
         exec(compile(block, f"README.md, python block {number}", "exec"), namespace)
-    assert "user/model-honest" in hub.repos
+    assert {"user/model-honest", "user/honest-full"} <= set(hub.repos)
+    assert (tmp_path / "steered" / "weightsteer.json").is_file() and (tmp_path / "honest-formal").is_dir()
