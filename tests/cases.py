@@ -95,6 +95,8 @@ TYPE_CASES = [
     Case("tinylora-llama", "llama", _peft("TinyLoraConfig", r=4, u=8, weight_tying=0.5, target_modules=[*ATTN, "embed_tokens"]), scale=0.15),
     Case("tinylora-gpt2-conv1d", "gpt2", _peft("TinyLoraConfig", r=4, u=8, target_modules=GPT2, fan_in_fan_out=True), (None,), scale=0.5),
     Case("osf-llama", "llama", _peft("OSFConfig", effective_rank=48, target_modules=ATTN), scale=0.05),
+    Case("adamss-llama", "llama", _peft("AdamssConfig", r=16, num_subspaces=3, subspace_rank=2, target_modules=ATTN_MLP)),
+    Case("adamss-qwen2-bias", "qwen2", _peft("AdamssConfig", r=16, num_subspaces=4, random_seed=3, target_modules=[*ATTN, "up_proj"])),
     # LoRA variants PEFT merges (issue 13)
     Case("dora-embedding-llama", "llama", _lora(r=4, lora_alpha=8, use_dora=True, target_modules=["embed_tokens", "q_proj"])),
     Case("velora-llama", "llama", _lora(r=4, target_modules=ATTN, velora_config={"num_groups": 4}), (None,)),

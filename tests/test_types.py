@@ -7,6 +7,7 @@ weights, is checked against PEFT's own merge and a hand-written interpolation; r
 from __future__ import annotations
 
 import json
+import sys
 
 import peft
 import pytest
@@ -15,10 +16,12 @@ from click.testing import CliRunner
 from peft import LoraConfig, PeftModel
 
 import weightsteer
-from cases import ATTN, ATTN_MLP
-from conftest import TOKENS, assert_base_identical, load_base, make_adapter, model_logits
+from cases import ATTN, ATTN_MLP, TYPE_CASES
+from conftest import TOKENS, assert_base_identical, build_base, load_base, make_adapter, model_logits
+from safetensors.torch import load_file, save_file
 from weightsteer.cli import main
-from weightsteer.errors import SchemeError
+from weightsteer.errors import AdapterError, SchemeError
+from weightsteer.export import export_lora
 
 
 def _refused(adapter, tmp_path, *phrases):
@@ -90,7 +93,6 @@ def test_inspect_and_the_runtime_twin_report_the_refusal(bases, tmp_path, case):
         ("LILY", ("Lily", "depends on the input")),
         ("SHADOW", ("shadow network",)),
         ("CARTRIDGE", ("KV cache",)),
-        ("ADAMSS", ("'ADAMSS' is not supported",)),
         ("SOME_FUTURE_TYPE", ("'SOME_FUTURE_TYPE' is not supported",)),
     ],
 )
@@ -138,8 +140,9 @@ def test_kasa_merges_the_truncated_base_and_interpolates_from_the_real_one(bases
         ("llama", lambda: peft.TinyLoraConfig(r=4, u=8, weight_tying=1.0, target_modules=ATTN)),
         ("llama", lambda: LoraConfig(r=4, use_dora=True, target_modules=["embed_tokens"])),
         ("llama", lambda: peft.OSFConfig(effective_rank=48, target_modules=ATTN)),
+        ("qwen2", lambda: peft.AdamssConfig(r=16, num_subspaces=3, target_modules=ATTN)),
     ],
-    ids=["para", "frod", "tinylora-shared-v", "dora-embedding", "osf"],
+    ids=["para", "frod", "tinylora-shared-v", "dora-embedding", "osf", "adamss"],
 )
 def test_runtime_twin_restores_the_trained_adapter_exactly(bases, tmp_path, arch, config):
     adapter = make_adapter(bases(arch), tmp_path / "a", config(), scale=0.05)
@@ -160,6 +163,7 @@ def test_runtime_twin_restores_the_trained_adapter_exactly(bases, tmp_path, arch
         ("FROD", lambda: peft.FrodConfig(target_modules=ATTN)),
         ("TINYLORA", lambda: peft.TinyLoraConfig(r=4, u=8, target_modules=ATTN)),
         ("GRALORA", lambda: peft.GraloraConfig(r=4, gralora_k=2, hybrid_r=2, target_modules=ATTN)),
+        ("ADAMSS", lambda: peft.AdamssConfig(r=16, num_subspaces=3, target_modules=ATTN)),
     ],
 )
 def test_inspect_describes_the_new_types(bases, tmp_path, name, config):
@@ -169,3 +173,78 @@ def test_inspect_describes_the_new_types(bases, tmp_path, name, config):
     report = json.loads(result.output)
     assert report["adapter_type"] == name and report["merge"] == "exact"
     assert report["targets"] and all(c["relative_change"] > 0 for c in report["changes"])
+
+
+ADAMSS = lambda: peft.AdamssConfig(r=16, num_subspaces=3, subspace_rank=2, target_modules=ATTN)  # noqa: E731
+
+
+def test_adamss_without_scikit_learn_says_how_to_install_it(bases, tmp_path, monkeypatch):
+    adapter = make_adapter(bases("llama"), tmp_path / "a", ADAMSS())
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # `import sklearn...` raises ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.cluster", None)
+    _refused(adapter, tmp_path, "needs scikit-learn", "pip install scikit-learn", "weightsteer[adamss]")
+
+
+def test_adamss_refuses_a_base_that_clusters_differently(tmp_path, bases):
+    """PEFT re-clusters the base at load; on another base the saved subspaces no longer fit their rows."""
+    adapter = make_adapter(bases("llama"), tmp_path / "a", ADAMSS())
+    other = build_base("llama", tmp_path / "other", seed=7)
+    with pytest.raises(AdapterError, match="clustering the base weight gives subspaces"):
+        weightsteer.merge(adapter, tmp_path / "out", coeff=1, base=other)
+    assert not (tmp_path / "out").exists()
+
+
+def test_adamss_exports_as_an_exact_lora(bases, tmp_path):
+    base = bases("llama")
+    adapter = make_adapter(base, tmp_path / "a", ADAMSS())
+    result = export_lora(adapter, tmp_path / "lora", coeff=-0.5)
+    assert {m.method for m in result.modules} == {"exact"} and result.max_relative_error < 1e-5
+    weightsteer.merge(adapter, tmp_path / "merged", coeff=-0.5)
+    exported = PeftModel.from_pretrained(load_base(base), tmp_path / "lora").eval()
+    with torch.no_grad():
+        gap = (exported(TOKENS).logits - model_logits(tmp_path / "merged")).abs().max()
+    assert gap <= 1e-4
+
+
+@pytest.mark.parametrize("case", TYPE_CASES, ids=lambda case: case.id)
+def test_verify_passes_every_type_and_catches_a_tampered_tensor(bases, tmp_path, case):
+    """verify rebuilds each adapted module with PEFT alone; every type must pass at c = 0.5, and a change of
+    one element of a checked tensor must fail (the check is not vacuous for any type)."""
+    adapter = make_adapter(bases(case.arch), tmp_path / "a", case.config(), scale=case.scale, around_one=case.around_one)
+    out = weightsteer.merge(adapter, tmp_path / "out", coeff=0.5, scheme=case.schemes[0])
+    report = weightsteer.verify(out)
+    assert report.ok, report.failures
+    assert report.checks, "verify checked no tensor"
+    _tamper(out, report.checks[0].tensor)
+    tampered = weightsteer.verify(out)
+    assert not tampered.ok and report.checks[0].tensor in " ".join(tampered.failures)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], save_projection=False),
+        lambda: peft.RandLoraConfig(r=4, target_modules=["q_proj", "up_proj", "down_proj"], save_projection=False),
+        lambda: peft.RandLoraConfig(r=4, target_modules=["q_proj", "up_proj", "down_proj"]),
+    ],
+    ids=["vera-unsaved", "randlora-unsaved", "randlora-saved-with-layer-copies"],
+)
+def test_verify_uses_the_models_shared_projections(bases, tmp_path, config):
+    """PEFT sizes shared projections by the model's largest adapted layer; the lone layer verify rebuilds must use
+    the model's (saved, or drawn again at the model's size), not ones sized by itself."""
+    adapter = make_adapter(bases("llama"), tmp_path / "a", config())
+    report = weightsteer.verify(weightsteer.merge(adapter, tmp_path / "out", coeff=0.5))
+    assert report.ok and report.checks, report.failures
+
+
+def _tamper(folder, name):
+    """Add 1% of the tensor's largest entry to one element, in the shard that holds it."""
+    for shard in folder.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if name in tensors:
+            tensor = tensors[name].clone()
+            tensor.view(-1)[0] += 0.01 * tensor.abs().max()
+            tensors[name] = tensor
+            save_file(tensors, shard, metadata={"format": "pt"})
+            return
+    raise KeyError(name)

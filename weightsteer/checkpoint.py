@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,19 +85,34 @@ def read_header(path: Path) -> tuple[dict[str, str], list[TensorInfo]]:
     return metadata, tensors
 
 
-def read_tensor(info: TensorInfo, into: torch.Tensor | None = None) -> torch.Tensor:
+READ_CHUNK = 16 << 20  # bytes per read request of a large tensor
+
+
+def read_tensor(info: TensorInfo, into: torch.Tensor | None = None, pool: Executor | None = None) -> torch.Tensor:
     """Read one tensor from disk into fresh CPU memory (no mmap kept alive), or into the start of `into`,
-    a reusable uint8 buffer (e.g. page-locked, for fast copies to a GPU); the result then aliases it."""
+    a reusable uint8 buffer (e.g. page-locked, for fast copies to a GPU); the result then aliases it.
+    With a thread pool, a large tensor is read as READ_CHUNK pieces, several in flight at once."""
     buffer = torch.empty(info.nbytes, dtype=torch.uint8) if into is None else into[: info.nbytes]
     view = memoryview(buffer.numpy())
+    pieces = [(offset, min(READ_CHUNK, info.nbytes - offset)) for offset in range(0, info.nbytes, READ_CHUNK)]
     with open(info.file, "rb", buffering=0) as f:
-        done = 0
-        while done < info.nbytes:
-            n = os.preadv(f.fileno(), [view[done:]], info.start + done)
-            if n == 0:
-                raise BaseModelError(f"{info.file}: file ends inside tensor {info.name!r}; it is truncated.")
-            done += n
+        if pool is None or len(pieces) < 2:
+            for offset, length in pieces:
+                _read_exactly(f.fileno(), info, view, offset, length)
+        else:
+            for done in [pool.submit(_read_exactly, f.fileno(), info, view, offset, length) for offset, length in pieces]:
+                done.result()
     return buffer.view(info.torch_dtype).reshape(info.shape)
+
+
+def _read_exactly(fd: int, info: TensorInfo, view: memoryview, offset: int, length: int) -> None:
+    """Fill view[offset : offset + length] from the tensor's bytes at that offset."""
+    done = 0
+    while done < length:
+        n = os.preadv(fd, [view[offset + done : offset + length]], info.start + offset + done)
+        if n == 0:
+            raise BaseModelError(f"{info.file}: file ends inside tensor {info.name!r}; it is truncated.")
+        done += n
 
 
 class Checkpoint:
@@ -177,8 +193,8 @@ class Checkpoint:
         if absent:
             raise BaseModelError(f"{self.index_path} lists tensors no shard holds, e.g. {sorted(absent)[0]!r}.")
 
-    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
-        return read_tensor(self.tensors[name], into)
+    def read(self, name: str, into: torch.Tensor | None = None, pool: Executor | None = None) -> torch.Tensor:
+        return read_tensor(self.tensors[name], into, pool)
 
     def weight_files(self) -> set[str]:
         """The files the weights are read from (relative to root): the shards, and the index if there is one."""

@@ -6,18 +6,19 @@ import functools
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from . import __version__
-from .adapters import scheme_table
 from .errors import WeightsteerError
-from .hub import check_push_target, push
-from .inspect import format_report, inspect
-from .export import export_lora
-from .llamacpp import OUTTYPES, check_converter, convert_lora, convert_model
-from .pipeline import Published, worst_ratio
-from .verify import verify
+from .llamacpp import OUTTYPES
+
+# Only click, the standard library and weightsteer's light modules (errors, llamacpp) are imported here:
+# `weightsteer --help` and argument errors must answer without loading torch, transformers or peft.
+# Each command imports what it needs.
+if TYPE_CHECKING:
+    from .pipeline import Published
 
 
 def _fail_cleanly(command):
@@ -246,6 +247,8 @@ def build_command(recipe, device, overwrite, verify_mode, private, revision, cre
 
 
 def _print_published(item: Published, outtype: str) -> None:
+    from .pipeline import worst_ratio
+
     r = item.merge
     what = f"coeff {r.coeff:g}, scheme {r.scheme}" if r.coeff is not None else " + ".join(
         f"{t.adapter}@{t.coeff:g} ({t.scheme})" for t in r.terms
@@ -313,6 +316,8 @@ def verify_command(merged, adapter, coeff, base, scheme, task_id, atol, logits, 
       weightsteer verify ./model-honest --logits --prompts prompts.txt
       weightsteer verify ./merged --adapter ./honest-adapter --coeff 0.5 --base ./base-model --json
     """
+    from .verify import verify
+
     prompt_lines = [line for line in Path(prompts).read_text().splitlines() if line.strip()] if prompts else None
     report = verify(
         merged,
@@ -360,6 +365,9 @@ def push_command(folder, repo_id, private, revision, create_pr, no_verify, devic
       weightsteer push ./model-honest user/model-honest --private --revision experiments
       weightsteer push ./model-honest user/model-honest --create-pr
     """
+    from .hub import check_push_target, push
+    from .verify import verify
+
     check_push_target(repo_id, revision=revision, create_pr=create_pr)
     progress = not (quiet or as_json)
     report = None if no_verify else verify(folder, device=device, progress=progress)
@@ -395,6 +403,8 @@ def gguf_command(model, output, outtype, lora_base, llama_cpp, python, overwrite
       weightsteer gguf ./honest-lora --lora-base ./base-model   # -> ./honest-lora-f32.gguf
       llama-cli -m base.gguf --lora-scaled honest-lora-f32.gguf:-1 ...
     """
+    from .llamacpp import convert_lora, convert_model
+
     options = dict(outtype=outtype, llama_cpp=llama_cpp, python=python, overwrite=overwrite)
     if lora_base:
         result = convert_lora(model, lora_base, output, **options)
@@ -444,6 +454,8 @@ def export_lora_command(
       vllm serve ./base-model --enable-lora --lora-modules honest=./honest-lora
       llama-cli -m base.gguf --lora-scaled honest-lora-f32.gguf:-1 -p "..."
     """
+    from .export import export_lora
+    from .llamacpp import check_converter, convert_lora
     from .merge import Steer
 
     terms = [_term(a) for a in adapters]
@@ -524,6 +536,8 @@ def inspect_command(adapter, base, as_json) -> None:
       weightsteer inspect ./honest-adapter
       weightsteer inspect ./honest-adapter --base ./Llama-3.2-1B --json
     """
+    from .inspect import format_report, inspect
+
     report = inspect(adapter, base)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
 
@@ -531,4 +545,33 @@ def inspect_command(adapter, base, as_json) -> None:
 @main.command()
 def schemes() -> None:
     """List every adapter type's coeff schemes as a Markdown table."""
-    click.echo(scheme_table())
+    click.echo(_scheme_table())
+
+
+def _scheme_table() -> str:
+    """The scheme table, cached on disk per installed version of weightsteer's sources and plugins: building
+    it imports every family module and torch (seconds), the cached text answers at once."""
+    import hashlib
+    import os
+    from importlib.metadata import entry_points
+
+    from .registry import ENTRY_POINT_GROUP
+
+    package = Path(__file__).parent
+    key = [__version__] + [f"{e.name}={e.value}@{e.dist.version if e.dist else ''}" for e in entry_points(group=ENTRY_POINT_GROUP)]
+    key += [f"{f.relative_to(package)}:{f.stat().st_mtime_ns}:{f.stat().st_size}" for f in sorted(package.rglob("*.py"))]
+    cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "weightsteer"
+    cached = cache_root / f"schemes-{hashlib.sha256(chr(10).join(key).encode()).hexdigest()[:16]}.md"
+    if cached.is_file():
+        return cached.read_text()
+    from .adapters import scheme_table
+
+    table = scheme_table()
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(table)
+        partial.replace(cached)
+    except OSError:
+        pass  # a read-only home: no cache, same answer
+    return table

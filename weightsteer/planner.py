@@ -286,7 +286,7 @@ def _adapter_changes(
     """Tensor name → the change one adapter makes to it; and {tensor: new shape} where it adds token rows."""
     shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
     edits: dict[str, Change] = {}
-    states = adapter.modules(ShapeLookup(shapes, names_for(checkpoint), checkpoint.config), options)
+    states = adapter.modules(ShapeLookup(shapes, names_for(checkpoint), checkpoint.config, checkpoint.read), options)
     for state in states:
         _add_module_edits(edits, checkpoint, adapter.family, state)
     resized = _add_replacements(edits, checkpoint, adapter)

@@ -21,7 +21,7 @@ from collections import Counter
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from .checkpoint import DTYPES, FLOAT_CODES, Checkpoint, TensorInfo, read_tensor
 from .errors import AdapterError, UnsupportedAdapterError, VerificationError
 from .resolve import resolve
 from .outputs import PROVENANCE_NAME
-from .planner import Composition, Edit, OutputTensor, Step, Term, plan_merge
+from .planner import CONV1D_MODELS, CONV1D_MODULES, Composition, Edit, OutputTensor, Step, Term, plan_merge
 from .runtime import scaled
 
 PathLike = str | os.PathLike
@@ -63,6 +63,8 @@ ISOLATED = {
     "bias": "none",
     "task_type": None,
     "base_model_name_or_path": None,
+    # the lone layer loads its shared tensors from what verify passes (saved, or drawn at the model's sizes)
+    "save_projection": True,
 }
 
 
@@ -308,6 +310,19 @@ class _Checker:
         self.outputs = {t.name: t for tensors in self.plan.shards.values() for t in tensors}
         self.edits = {t.name: self.plan.edit(t, composition) for t in self.plan.edited}
         self.peft_configs = [PeftConfig.from_pretrained(str(adapter.path)) for adapter in adapters]
+        self.largest = [self._largest_layer(i) for i in range(len(adapters))]
+        self.conv1d = base.config.get("model_type") in CONV1D_MODELS
+
+    def _largest_layer(self, adapter: int) -> tuple[int, int] | None:
+        """The largest (out, in) over the Linear / Conv1D layers an adapter changes: PEFT's `_find_dim`, which sizes
+        the projections VeRA-like types share (drawn again when the file lacks them)."""
+        shapes = [
+            t.shape[::-1] if change.state.fan_in_fan_out else t.shape
+            for t in self.plan.edited
+            if (change := t.changes.get(adapter)) is not None and change.part == "weight"
+            and change.state.layer == "linear" and len(t.shape) == 2
+        ]
+        return (max(s[0] for s in shapes), max(s[1] for s in shapes)) if shapes else None
 
     def run(self, report: VerifyReport, progress: bool) -> None:
         stored = self.merged.tensors
@@ -363,8 +378,14 @@ class _Checker:
         tolerance = self.atol if self.atol is not None else TOLERANCE_SIGMAS * unit * expected.abs()
         return _measure(tensor.name, "parameter", [(expected, self._read_merged(tensor.name), tolerance)])
 
+    def _as_stored(self, state: ModuleState) -> ModuleState:
+        """The state as the module stores its weight: a GPT-2 Conv1D weight is in × out, which a state of a parameter
+        PEFT targets directly (target_parameters) already works in without the flag."""
+        stored_transposed = self.conv1d and state.layer == "linear" and state.path.endswith(CONV1D_MODULES)
+        return dataclasses.replace(state, fan_in_fan_out=True) if stored_transposed else state
+
     def _check_module(self, tensor: OutputTensor, edit: Edit) -> TensorCheck:
-        state = edit.steps[0].change.state
+        state = self._as_stored(edit.steps[0].change.state)
         bias = self.outputs.get(tensor.name.removesuffix("weight") + "bias")
         base_weight, base_bias = self._read_base(tensor), self._expected_bias(bias)
         merged_weight = self._read_merged(tensor.name)
@@ -407,7 +428,10 @@ class _Checker:
     def _peft_forward(self, stack: ExitStack, steps: tuple[Step, ...], state: ModuleState, weight: torch.Tensor, bias):
         """One PEFT layer around the weight, with the steps' adapters loaded, all active, each at its coeff."""
         names = [f"term{i}" for i in range(len(steps))]
-        adapters = [(name, self.peft_configs[s.adapter], self.adapters[s.adapter]) for name, s in zip(names, steps)]
+        adapters = [
+            _Loaded(name, self.peft_configs[s.adapter], self.adapters[s.adapter], s.change.state, self.largest[s.adapter])
+            for name, s in zip(names, steps)
+        ]
         model, layer = _peft_layer(adapters, state, _layer(state, weight, bias))
         coeffs = {name: s.coeff for name, s in zip(names, steps)}
         stack.enter_context(scaled(model, coeffs, scheme={name: s.scheme.name for name, s in zip(names, steps)}))
@@ -511,9 +535,19 @@ def _layer(state: ModuleState, weight: torch.Tensor, bias: torch.Tensor | None) 
     return layer
 
 
-def _peft_layer(adapters: Sequence[tuple[str, object, Adapter]], state: ModuleState, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+class _Loaded(NamedTuple):
+    """One adapter to load into a lone PEFT layer."""
+
+    name: str  # its name in the PEFT model
+    config: object  # its PEFT config
+    adapter: Adapter
+    state: ModuleState  # the merge's state for the module: the shared tensors it uses
+    largest: tuple[int, int] | None  # the largest (out, in) it adapts in the whole model
+
+
+def _peft_layer(adapters: Sequence[_Loaded], state: ModuleState, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
     """PEFT's own tuner layer around `layer`, loaded with each adapter's tensors for that module under its
-    name (adapters: (name, PEFT config, Adapter)), all of them active.
+    name, all of them active.
 
     Returns (the PeftModel, for `scaled`; the tuner layer, to run). The layer sits at its own path in
     an otherwise empty module tree, so PEFT's targeting rules (target_modules, layers_to_transform,
@@ -529,24 +563,26 @@ def _peft_layer(adapters: Sequence[tuple[str, object, Adapter]], state: ModuleSt
         parent = getattr(parent, name)
     parent.add_module(leaf, layer)
     model = None
-    for name, config, _ in adapters:
+    for loaded in adapters:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PEFT warns about the bare container: no config, no name
             if model is None:
-                model = get_peft_model(container, _isolated(config, state), adapter_name=name).eval()  # no dropout
+                model = get_peft_model(container, _isolated(loaded.config, state), adapter_name=loaded.name).eval()  # no dropout
             else:
-                model.add_adapter(name, _isolated(config, state))
-    for name, _, adapter in adapters:
-        tensors = _fit_shared(model, adapter, _module_tensors(adapter, state.path), name)
-        loaded = set_peft_model_state_dict(model, tensors, adapter_name=name)
-        if loaded.unexpected_keys:
+                model.add_adapter(loaded.name, _isolated(loaded.config, state))
+    tuner_layer = model.base_model.model.get_submodule(state.path)
+    for loaded in adapters:
+        tensors = {**_module_tensors(loaded.adapter, state.path), **_shared_tensors(model, loaded)}
+        result = set_peft_model_state_dict(model, tensors, adapter_name=loaded.name)
+        if result.unexpected_keys:
             raise AdapterError(
-                f"PEFT does not load {', '.join(loaded.unexpected_keys)} into the module {state.path}; "
+                f"PEFT does not load {', '.join(result.unexpected_keys)} into the module {state.path}; "
                 "the adapter file is inconsistent."
             )
-    model.base_model.set_adapter([name for name, _, _ in adapters])
+        loaded.adapter.family.rederive_live(tuner_layer, loaded.name)
+    model.base_model.set_adapter([loaded.name for loaded in adapters])
     model.eval()
-    return model, model.base_model.model.get_submodule(state.path)
+    return model, tuner_layer
 
 
 def _isolated(config, state: ModuleState):
@@ -561,26 +597,68 @@ def _isolated(config, state: ModuleState):
 
 
 def _module_tensors(adapter: Adapter, path: str) -> dict[str, torch.Tensor]:
-    """The adapter's saved tensors for one module (its own parameters, not replaced base tensors) and shared ones."""
+    """The adapter's saved tensors for one module: its own parameters, not replaced base tensors."""
     prefix = f"{MODEL_PREFIX}{path}."
-    shared = {SHARED_PREFIX + t for t in adapter.family.shared_tokens}
     return {
         key: tensor
         for key, tensor in adapter.tensors.items()
-        if key in shared or (key.startswith(prefix) and key[len(prefix) :].split(".")[0] in adapter.family.tokens)
+        if key.startswith(prefix) and key[len(prefix) :].split(".")[0] in adapter.family.tokens
     }
 
 
-def _fit_shared(model, adapter: Adapter, tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
-    """PEFT sizes shared matrices (VeRA, RandLoRA) for the largest adapted layer, and each layer uses
-    their leading block; the layer alone in its container needs just that block of the saved ones."""
-    fitted = {}
-    for key, tensor in tensors.items():
-        token = key.rsplit(".", 1)[-1]
-        if token in adapter.family.shared_tokens:
-            tensor = tensor[tuple(slice(0, n) for n in getattr(model.base_model, token)[name].shape)]
-        fitted[key] = tensor
-    return fitted
+def _shared_tensors(model, loaded: _Loaded) -> dict[str, torch.Tensor]:
+    """The tensors the lone layer's PEFT model keeps once for all its layers, under the keys it saves them with, set
+    to what the module uses in the full model.
+
+    Alone, the layer gets its own stand-ins: projections (VeRA, PVeRA, RandLoRA) sized by this layer rather than the
+    largest in the model (it uses their leading block), FRoD's basis of its role computed from this weight alone,
+    TinyLoRA's group 0 (its group follows from its index among all adapted modules). The real ones are those the
+    merge's state holds for the module (the saved tensor of its role or group), or, where the file lacks them
+    (save_projection=False), PEFT's own draw at the model's sizes. Per-layer copies (RandLoRA saves one beside
+    each layer) get the same."""
+    from peft import get_peft_model_state_dict
+
+    own = get_peft_model_state_dict(model, adapter_name=loaded.name, save_embedding_layers=False)
+    layer_prefix = f"{MODEL_PREFIX}{loaded.state.path}."
+    drawn: dict[str, torch.Tensor] | None = None
+    shared = {}
+    for key, stand_in in own.items():
+        name = key.removeprefix(layer_prefix) if key.startswith(MODEL_PREFIX) else key.removeprefix(SHARED_PREFIX)
+        token = name.split(".")[0]
+        if token not in loaded.adapter.family.shared_tokens:
+            continue
+        if _saved(loaded.adapter, token):
+            source = loaded.state.tensors.get(token, loaded.adapter.tensors.get(key))
+        else:
+            drawn = drawn if drawn is not None else _drawn_projections(model, loaded)
+            source = drawn.get(token)
+        if source is None:
+            raise AdapterError(f"Adapter {loaded.adapter.path} lacks {key}, which PEFT's {loaded.adapter.peft_type} layer loads.")
+        shared[key] = source[tuple(slice(0, n) for n in stand_in.shape)].to(stand_in.dtype)
+    return shared
+
+
+def _saved(adapter: Adapter, token: str) -> bool:
+    """Does the adapter file hold the shared tensor `token` (base_model.<token> or one per group)?"""
+    name = SHARED_PREFIX + token
+    return any(key == name or key.startswith(name + ".") for key in adapter.tensors)
+
+
+def _drawn_projections(model, loaded: _Loaded) -> dict[str, torch.Tensor]:
+    """Shared projections saved with save_projection=False, as the full model draws them: the tuner's own
+    pre-injection hook (VeraModel._init_vera_A_vera_B, ...), on a bare tuner whose `_find_dim` returns the model's
+    largest adapted layer instead of searching the lone layer's container."""
+    tuner_class = type(model.base_model)
+    if loaded.largest is None or not hasattr(tuner_class, "_find_dim"):
+        raise UnsupportedAdapterError(
+            f"verify cannot rebuild the shared tensors of {loaded.adapter.path}, which were not saved "
+            "(save_projection=False); re-save the adapter with save_projection=True."
+        )
+    drawer = tuner_class.__new__(tuner_class)
+    nn.Module.__init__(drawer)
+    drawer._find_dim = lambda _config: loaded.largest
+    drawer._pre_injection_hook(None, loaded.config, loaded.name)
+    return {token: getattr(drawer, token)[loaded.name] for token in loaded.adapter.family.shared_tokens}
 
 
 def _float_dtype(checkpoint: Checkpoint) -> torch.dtype:

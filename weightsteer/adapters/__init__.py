@@ -52,6 +52,7 @@ BUILTIN = {
     "UNILORA": "weightsteer.adapters.unilora:UniLoRA",
     "TINYLORA": "weightsteer.adapters.tinylora:TinyLoRA",
     "OSF": "weightsteer.adapters.osf:OSF",
+    "ADAMSS": "weightsteer.adapters.adamss:AdaMSS",
 }
 
 FAMILIES = Registry(BUILTIN, AdapterFamily)

@@ -166,6 +166,10 @@ class AdapterFamily:
     def set_live_state(self, layer: torch.nn.Module, adapter: str, state: ModuleState) -> None:
         raise NotImplementedError
 
+    def rederive_live(self, layer: torch.nn.Module, adapter: str) -> None:
+        """Recompute what a live PEFT layer derives at init from tensors loaded into it afterwards (FRoD: U from its
+        role's basis). verify builds each layer alone, where PEFT derives them from stand-ins, then loads the real ones."""
+
     def check_live_delta(self, layer: torch.nn.Module, adapter: str) -> None:
         """Raise SchemeError if the runtime `delta` (y_base + c(y − y_base)) would not match the merge for this
         layer, e.g. because PEFT changed the live base weight at load (KaSA)."""
@@ -217,28 +221,42 @@ class ShapeLookup:
 
     `names` (weightsteer.names.CheckpointNames) maps model paths to stored names as the planner does; without
     it, a stored name that shares the path's suffix is taken. `config` is the base's config.json, for formats that
-    depend on the architecture (steering vectors)."""
+    depend on the architecture (steering vectors). `read` (stored name → tensor) gives the data, for the few
+    families whose layout PEFT derives from the base weights at load (AdaMSS's subspaces)."""
 
     def __init__(
         self,
         shapes: Mapping[str, tuple[int, ...]],
         names: "CheckpointNames | None" = None,
         config: Mapping[str, object] | None = None,
+        read: Callable[[str], torch.Tensor] | None = None,
     ):
         self.shapes = shapes
         self.names = names
         self.config = config or {}
+        self.read = read
 
     def weight(self, path: str) -> tuple[int, ...] | None:
         """The base weight's stored shape."""
-        name = path + ".weight"
+        stored = self._stored(path + ".weight")
+        return self.shapes[stored] if stored is not None else None
+
+    def tensor(self, name: str) -> torch.Tensor | None:
+        """A base tensor by model-side name (`<path>.weight`, `<path>.bias`), fp32 as stored; None if the base has none."""
+        stored = self._stored(name)
+        if stored is None:
+            return None
+        if self.read is None:
+            raise AdapterError(f"Adapter needs the data of the base tensor {name}, not only its shape.")
+        return self.read(stored).float()
+
+    def _stored(self, name: str) -> str | None:
         if self.names is not None:
-            stored = self.names.find(name)
-            return self.shapes[stored] if stored is not None else None
+            return self.names.find(name)
         if name in self.shapes:
-            return self.shapes[name]
+            return name
         candidates = [n for n in self.shapes if name.endswith("." + n) or n.endswith("." + name)]
-        return self.shapes[candidates[0]] if len(candidates) == 1 else None
+        return candidates[0] if len(candidates) == 1 else None
 
     def parameters(self, module: str) -> "dict[str, ModelParameter]":
         """The model's own parameters of a module, in definition order (for target_parameters adapters)."""

@@ -91,6 +91,13 @@ class FRoD(AdapterFamily):
         )
 
 
+    def rederive_live(self, layer, adapter):
+        """FrodLayer.update_layer computes U from frod_V when it builds the layer, not when frod_V is loaded later."""
+        weight = layer.get_base_layer().weight
+        u, _ = layer._calculate_frod_u_and_lambda(layer.frod_V[adapter].to(weight.dtype), weight.T if layer.fan_in_fan_out else weight)
+        layer.frod_U[adapter] = u.to(weight.dtype)
+
+
 def frod_u_and_lambda(basis: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """FrodLayer._calculate_frod_u_and_lambda: W = U diag(λ₀) Vᵀ, computed in fp64 on the CPU, returned fp32."""
     w, v = weight.detach().double().cpu(), basis.detach().double().cpu()
