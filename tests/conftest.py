@@ -4,6 +4,7 @@ checkpoint and of PEFT's runtime under `scaled` (tests/test_cases.py compares th
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,25 @@ def forward_logits(model, task_id: int | None = None) -> torch.Tensor:
 def model_logits(path: Path) -> torch.Tensor:
     with torch.no_grad():
         return forward_logits(load_base(path).eval())
+
+
+def assert_matches_runtime(base: Path, adapter: Path, out_root: Path, coeffs, scheme: str | None = None, atol: float = ATOL) -> dict:
+    """Merge at every coeff and compare logits with PEFT's runtime under `scaled`. Returns the max errors.
+
+    For tests that change the engine around a merge; an adapter case is a row of tests/cases.py instead."""
+    errors = {}
+    base_logits = model_logits(base)
+    for c in coeffs:
+        out = out_root / f"c{c:g}"
+        weightsteer.merge(adapter, out, coeff=c, scheme=scheme, overwrite=True)
+        merged = model_logits(out)
+        expected = runtime_logits(base, adapter, c, scheme)
+        errors[c] = (merged - expected).abs().max().item()
+        assert errors[c] <= atol, f"coeff {c}: merged vs runtime max |Δlogit| = {errors[c]:.3g}"
+        if c != 0:
+            assert (expected - base_logits).abs().max() > 10 * atol, f"coeff {c}: adapter has no effect, test is vacuous"
+        shutil.rmtree(out)
+    return errors
 
 
 def assert_base_identical(base: Path, out: Path) -> None:
