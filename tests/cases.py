@@ -124,16 +124,17 @@ def _tokens(**kwargs):
 # the row is about), `_edited` turns the saved tensors into the special case the row names.
 ZERO = dict(schemes=(None,), coeffs=(0,))  # c = 0 is the base, byte for byte (on a sharded base: every shard)
 SCALING_SHORT = {"knob:scaling": (-1, 2)}
+FAMILY_CASES: list[Case] = []  # not in TYPE_CASES, whose rows tests/test_types.py also runs `verify` on
 
 
-def _after_save(step: Callable[[dict], dict | None]):
+def _edited(change: Callable[[dict], dict | None]):
     def build(base: Path, folder: Path, case: Case) -> Path:
         from safetensors.torch import load_file, save_file
 
         from conftest import make_adapter
 
         adapter = make_adapter(base, folder, case.config(), scale=case.scale, around_one=case.around_one)
-        edited = step(load_file(adapter / WEIGHTS))
+        edited = change(load_file(adapter / WEIGHTS))
         if edited is not None:
             save_file(edited, adapter / WEIGHTS)
         return adapter
@@ -145,11 +146,7 @@ def _checked(premise: Callable[[dict], bool]):
     def check(tensors: dict) -> None:
         assert premise(tensors), f"PEFT did not save the layout this row is about: {sorted(tensors)[:4]}…"
 
-    return _after_save(check)
-
-
-def _edited(change: Callable[[dict], dict]):
-    return _after_save(change)
+    return _edited(check)
 
 
 def _suffixes(tensors: dict) -> set[str]:
@@ -158,7 +155,7 @@ def _suffixes(tensors: dict) -> set[str]:
 
 # LoRA (tests/test_lora.py: refusals, tied embeddings untied)
 LORA_EMBEDDING = ("llama", "llama_tied", "gemma")
-TYPE_CASES += [
+FAMILY_CASES += [
     Case(
         "lora-rslora-patterns-bias-qwen2",
         "qwen2",
@@ -176,7 +173,7 @@ TYPE_CASES += [
 ]
 
 # DeLoRA (tests/test_delora.py: biases untouched, refusals)
-TYPE_CASES += [
+FAMILY_CASES += [
     Case(
         "delora-patterns-llama",
         "llama",
@@ -198,7 +195,7 @@ TYPE_CASES += [
 ]
 
 # VeRA (tests/test_vera.py: biases untouched, regenerated projections equal PEFT's, refusals)
-TYPE_CASES += [
+FAMILY_CASES += [
     Case(
         "vera-saved-projections-llama",
         "llama",
@@ -223,7 +220,7 @@ TYPE_CASES += [
 ]
 
 # IA3 (tests/test_ia3.py: which bias is scaled, power round trips, refusal)
-TYPE_CASES += [
+FAMILY_CASES += [
     Case(
         "ia3-qwen2-bias",
         "qwen2",
@@ -264,7 +261,7 @@ def _road_alpha(module: str, value: float):
 
 ROAD_VARIANTS = ("road_1", "road_2", "road_4")
 ROAD = dict(around_one=("road_alpha",))
-TYPE_CASES += [
+FAMILY_CASES += [
     *(Case(f"{v}-qwen2-bias", "qwen2", _road(v), (None, "power", "strength", "knob:road_alpha", "knob:road_theta", "delta"), **ROAD) for v in ROAD_VARIANTS),
     *(Case(f"{v}-llama", "llama", _road(v), (None, "power"), **ROAD) for v in ROAD_VARIANTS),
     # α < 0 is the rotation by θ + π with scale |α|: still a scaled rotation with real powers.
@@ -307,7 +304,7 @@ def _pruned_adalora(base: Path, folder: Path, case: Case) -> Path:
     return folder
 
 
-TYPE_CASES += [
+FAMILY_CASES += [
     Case("adalora-llama", "llama", _adalora(target_modules=ATTN_MLP), (None, "delta", "knob:lora_E"), scale=0.2),
     Case("adalora-qwen2-bias", "qwen2", _adalora(target_modules=["q_proj", "v_proj", "o_proj"]), (None,), scale=0.2),
     Case("adalora-gpt2-conv1d", "gpt2", _adalora(target_modules=GPT2, fan_in_fan_out=True), (None,), scale=0.2),
@@ -328,7 +325,7 @@ TYPE_CASES += [
 ]
 
 # LoHa and LoKr (tests/test_lycoris.py: refusals; PEFT rejects Conv1D for both, so no GPT-2 rows)
-TYPE_CASES += [
+FAMILY_CASES += [
     Case("loha-llama", "llama", _peft("LoHaConfig", r=4, alpha=8, target_modules=ATTN_MLP), (None, "delta", "knob:hada_w1_a")),
     Case(
         "loha-patterns-qwen2-bias",
@@ -384,7 +381,7 @@ def _quarter_turn(tensors: dict) -> dict:
     return tensors
 
 
-TYPE_CASES += [
+FAMILY_CASES += [
     Case("oft-neumann-llama", "llama", _oft(), (None, "power", "delta", "knob:oft_R")),
     Case("oft-exact-cayley-qwen2-bias", "qwen2", _oft(use_cayley_neumann=False), (None, "power")),
     *(
@@ -402,7 +399,7 @@ TYPE_CASES += [
 
 # BOFT (tests/test_boft.py: power round trip, refusals, N > 1 against a dense reference)
 BOFT = dict(around_one=("boft_s",))
-TYPE_CASES += [
+FAMILY_CASES += [
     Case("boft-llama", "llama", _peft("BOFTConfig", boft_block_size=4, target_modules=ATTN_MLP), (None, "power", "delta", "knob:boft_R"), **BOFT),
     Case("boft-qwen2-bias", "qwen2", _peft("BOFTConfig", boft_block_size=4, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]), (None, "power"), **BOFT),
     Case("boft-zero-sharded", "llama:sharded", _peft("BOFTConfig", boft_block_size=4, target_modules=ATTN_MLP), ("linear", "power"), coeffs=(0,), **BOFT),
@@ -412,7 +409,7 @@ TYPE_CASES += [
 # Gram–Schmidt; with apply_GS, H² = I: even coeffs would only give the base again and are refused.
 HRA_INTEGER = (-1, 0, 1, 2)
 HRA_QWEN2 = ["q_proj", "v_proj", "down_proj"]
-TYPE_CASES += [
+FAMILY_CASES += [
     Case("hra-even-llama", "llama", _peft("HRAConfig", r=4, target_modules=ATTN_MLP), (None, "power")),  # default scheme: delta
     Case("hra-odd-llama", "llama", _peft("HRAConfig", r=3, target_modules=ATTN_MLP), (None, "power"), scheme_coeffs={"power": HRA_INTEGER}),
     Case("hra-gram-schmidt-llama", "llama", _peft("HRAConfig", r=4, apply_GS=True, target_modules=ATTN_MLP), (None, "power"), scheme_coeffs={"power": (-1, 0, 1)}),
@@ -429,7 +426,7 @@ def _randlora(**kwargs):
     return _peft("RandLoraConfig", **{"r": 8, "randlora_alpha": 8, **kwargs})
 
 
-TYPE_CASES += [
+FAMILY_CASES += [
     Case(
         "randlora-saved-bases-llama",
         "llama",
@@ -459,7 +456,7 @@ def _vblora(**kwargs):
     return _peft("VBLoRAConfig", **{"r": 4, "vector_length": 16, "num_vectors": 32, "topk": 2, **kwargs})
 
 
-TYPE_CASES += [
+FAMILY_CASES += [
     Case("vblora-llama", "llama", _vblora(target_modules=ATTN_MLP), (None, "delta", "knob:vblora_vector_bank"), scale=1.0),
     *(
         Case(
@@ -477,7 +474,7 @@ TYPE_CASES += [
 ]
 
 # FourierFT: positions re-derived from the seed (tests/test_fourierft.py: refusal)
-TYPE_CASES += [
+FAMILY_CASES += [
     Case("fourierft-llama", "llama", _peft("FourierFTConfig", n_frequency=200, scaling=100.0, target_modules=ATTN_MLP), (None, "delta", "knob:fourierft_spectrum")),
     Case(
         "fourierft-pattern-seed-qwen2-bias",
@@ -492,7 +489,7 @@ TYPE_CASES += [
 ]
 
 # C3A (tests/test_c3a.py: the circulant blocks against PEFT's FFT delta, refusal)
-TYPE_CASES += [
+FAMILY_CASES += [
     Case("c3a-llama", "llama", _peft("C3AConfig", block_size=16, target_modules=ATTN_MLP), (None, "delta", "knob:c3a_kernel"), scale=1.0),
     Case("c3a-block-size-pattern-qwen2-bias", "qwen2", _peft("C3AConfig", block_size=32, block_size_pattern={"k_proj": 16}, target_modules=ATTN_MLP), (None,), scale=1.0),
     Case("c3a-zero-sharded", "llama:sharded", _peft("C3AConfig", block_size=16, target_modules=ATTN_MLP), **ZERO),
@@ -508,7 +505,7 @@ def _float_indices(tensors: dict) -> dict:
     return {k: v.float() if k.endswith("shira_indices") else v for k, v in tensors.items()}
 
 
-TYPE_CASES += [
+FAMILY_CASES += [
     Case("shira-llama", "llama", _peft("ShiraConfig", r=2, target_modules=ATTN_MLP), (None, "delta", "knob:scaling", "knob:shira_weight"), scale=0.3),
     Case("shira-float-indices-qwen2-bias", "qwen2", _peft("ShiraConfig", r=2, target_modules=ATTN_MLP), (None,), scale=0.3, build=_edited(_float_indices)),
     Case("shira-zero-sharded", "llama:sharded", _peft("ShiraConfig", r=2, target_modules=ATTN_MLP), **ZERO),
@@ -521,14 +518,14 @@ MISS_VARIANTS = {
     "mini": {"r": 8, "init_weights": "mini", "mini_r": 16},
     "bat": {"r": 8, "init_weights": "bat"},  # ΔW depends on W
 }
-TYPE_CASES += [
+FAMILY_CASES += [
     *(Case(f"miss-{v}-llama", "llama", _peft("MissConfig", target_modules=ATTN_MLP, **MISS_VARIANTS[v]), (None, "delta", "knob:miss_block"), scale=0.05) for v in MISS_VARIANTS),
     *(Case(f"miss-{v}-qwen2-bias", "qwen2", _peft("MissConfig", target_modules=ATTN_MLP, **MISS_VARIANTS[v]), (None,), scale=0.05) for v in ("padded", "bat")),
     Case("miss-bat-zero-sharded", "llama:sharded", _peft("MissConfig", target_modules=ATTN_MLP, **MISS_VARIANTS["bat"]), **ZERO, scale=0.05),
 ]
 
 # LN Tuning: trained copies of norms and of a Linear (tests/test_ln_tuning.py: which tensors change, refusal, restore)
-TYPE_CASES += [
+FAMILY_CASES += [
     Case("ln-tuning-rmsnorm-llama", "llama", _peft("LNTuningConfig", target_modules=["input_layernorm", "post_attention_layernorm", "norm"]), (None, "delta", "knob:ln_tuning_layers")),
     Case("ln-tuning-layernorm-bias-gpt2", "gpt2", _peft("LNTuningConfig", target_modules=["ln_1", "ln_2", "ln_f"])),
     Case("ln-tuning-linear-qwen2-bias", "qwen2", _peft("LNTuningConfig", target_modules=["q_proj"]), (None,), scale=0.02),
@@ -537,7 +534,7 @@ TYPE_CASES += [
 
 # TrainableTokens, alone and beside a LoRA (tests/test_trainable_tokens.py: tying kept or undone, restore, refusal)
 TOKEN_IDS = [1, 5, 9, 42, 100]  # all occur in conftest.TOKENS
-TYPE_CASES += [
+FAMILY_CASES += [
     *(Case(f"trainable-tokens-{arch}", arch, _tokens(token_indices=TOKEN_IDS), (None, "delta", "knob:trainable_tokens_delta")) for arch in ("llama", "llama_tied")),
     *(
         Case(f"lora-token-rows-{arch}", arch, _lora(r=4, target_modules=["q_proj", "v_proj"], trainable_token_indices=TOKEN_IDS), (None, "delta", "knob:scaling"))
@@ -554,7 +551,7 @@ TYPE_CASES += [
 # Poly: one task's skill mix baked in (tests/test_poly.py: the other tasks, restore, task_id refusals). Large
 # noise on the router logits too, so that the tasks mix their skills differently.
 POLY_TASK = 1
-TYPE_CASES += [
+FAMILY_CASES += [
     Case(
         "poly-task1-llama",
         "llama",
@@ -643,5 +640,5 @@ HEAD_CASES = [
 ]
 MODEL_CASES: list[Case] = [*VLM_CASES, *MOE_CASES, *HEAD_CASES]
 
-CASES = [*TYPE_CASES, *MODEL_CASES]
+CASES = [*TYPE_CASES, *FAMILY_CASES, *MODEL_CASES]
 ROWS = {case.id: case for case in CASES}

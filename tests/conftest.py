@@ -188,6 +188,7 @@ def perturb(model, scale: float = 0.1, seed: int = 1, around_one: tuple[str, ...
 def make_adapter(base: Path, folder: Path, config, *, scale: float = 0.1, around_one: tuple[str, ...] = (), seed: int = 1) -> Path:
     from peft import get_peft_model
 
+    torch.manual_seed(seed)  # PEFT's init draws from the global generator: the same adapter whatever ran before
     model = get_peft_model(load_base(base), config)
     perturb(model, scale, seed, around_one)
     model.save_pretrained(folder)
