@@ -147,16 +147,21 @@ def test_coeff_zero_is_the_base_and_a_zero_term_changes_nothing(bases, adapters,
     assert all(torch.equal(ours[n].view(torch.uint8), t.view(torch.uint8)) for n, t in theirs.items())
 
 
-def test_provenance_card_and_verify_list_every_term(adapters, tmp_path):
+def test_provenance_card_and_verify_list_every_term(adapters, tmp_path, monkeypatch):
     out = weightsteer.merge([Steer(adapters("lora"), 0.5), Steer(adapters("ia3"), -0.3, "power")], tmp_path / "out")
     record = json.loads((out / "weightsteer.json").read_text())
+    # Local adapters by folder name only (no local paths published); their absolute paths stay in the sidecar.
     assert [(t["adapter"], t["adapter_type"], t["coeff"], t["scheme"]["name"]) for t in record["terms"]] == [
-        (str(adapters("lora")), "LORA", 0.5, "linear"),
-        (str(adapters("ia3")), "IA3", -0.3, "power"),
+        ("lora", "LORA", 0.5, "linear"),
+        ("ia3", "IA3", -0.3, "power"),
     ]
     card = (out / "README.md").read_text()
-    assert str(adapters("lora")) in card and str(adapters("ia3")) in card and "**-0.3**" in card
-    report = weightsteer.verify(out)
+    assert "`lora`" in card and "`ia3`" in card and "**-0.3**" in card
+    assert str(adapters("lora").parent) not in card + json.dumps(record)
+    local = json.loads((out / ".weightsteer-local.json").read_text())
+    assert local["terms"] == [str(adapters("lora")), str(adapters("ia3"))]
+    monkeypatch.chdir(tmp_path / "out")  # verify from another folder finds both adapters through the sidecar
+    report = weightsteer.verify(".")
     assert report.ok, report.failures
     assert report.coeff is None and [t["coeff"] for t in report.terms] == [0.5, -0.3]
     assert {c.tensor for c in report.checks} >= {n for n in record["result"]["changed_tensors"] if n.endswith("proj.weight")}
@@ -166,7 +171,8 @@ def test_verify_catches_a_composition_that_misses_a_term(adapters, tmp_path):
     """A checkpoint merged from one adapter fails verification against the two-term record."""
     out = weightsteer.merge([Steer(adapters("lora"), 0.5), Steer(adapters("rslora"), 1.0)], tmp_path / "out")
     alone = weightsteer.merge(adapters("lora"), tmp_path / "alone", coeff=0.5)
-    (alone / "weightsteer.json").write_text((out / "weightsteer.json").read_text())
+    for record in ("weightsteer.json", ".weightsteer-local.json"):  # the record, and where its local adapters are
+        (alone / record).write_text((out / record).read_text())
     report = weightsteer.verify(alone)
     assert not report.ok and any("v_proj" in f for f in report.failures)
 
@@ -206,7 +212,7 @@ def test_scaled_with_a_mapping_restores_every_adapter(bases, adapters):
     assert (inside - original).abs().max() > 10 * ATOL
     assert torch.equal(after, original)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    with pytest.raises(weightsteer.SchemeError, match="no adapter named 'formal'"):
+    with pytest.raises(weightsteer.AdapterError, match="no adapter named .formal."):
         with weightsteer.scaled(model, {"dora": 1.0, "formal": 1.0}):
             pass
     model.base_model.set_adapter("dora")

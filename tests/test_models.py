@@ -20,7 +20,7 @@ ADDED = 8  # tokens added to the 128-token vocabulary
 
 
 def _files(folder):
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name not in ("README.md", "weightsteer.json"))
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name not in ("README.md", "weightsteer.json", ".weightsteer-local.json"))
 
 
 def test_coeff_zero_keeps_the_tied_layout(bases, tmp_path):

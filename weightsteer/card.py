@@ -61,9 +61,23 @@ def record_verification(folder: Path, verification: Mapping, **card_options) -> 
     rewrite the card. card_options go to `write_card`."""
     path = folder / PROVENANCE_NAME
     provenance = json.loads(path.read_text())
-    provenance["verification"] = dict(verification)
+    provenance["verification"] = _without_local_paths(verification)
     path.write_text(json.dumps(provenance, indent=2) + "\n")
     write_card(folder, **card_options)
+
+
+def _without_local_paths(verification: Mapping) -> dict:
+    """The summary as published: local folders by name (or Hub id), not by this machine's paths."""
+    from .resolve import published_reference
+
+    def shown(ref: object) -> object:
+        return published_reference(ref, Path(ref))[0] if isinstance(ref, str) and Path(ref).exists() else ref
+
+    summary = {key: shown(value) if key in ("merged", "adapter", "base") else value for key, value in verification.items()}
+    if summary.get("terms"):  # a composition's adapter is its terms' joined by " + "
+        summary["terms"] = [dict(t) | {"adapter": shown(t.get("adapter"))} for t in summary["terms"]]
+        summary["adapter"] = " + ".join(str(t["adapter"]) for t in summary["terms"])
+    return summary
 
 
 def write_card(
@@ -92,11 +106,12 @@ def write_card(
 
 
 def _metadata(provenance: dict) -> ModelCardData:
-    on_hub = provenance.get("base_revision") is not None  # the merge read the base from the Hub
+    # Read from the Hub (cache) or given as base_id; records of weightsteer 0.1 marked Hub bases by a revision.
+    base_id = provenance.get("base_model_id", provenance["base_model"] if provenance.get("base_revision") else None)
     types = dict.fromkeys(t["adapter_type"].lower() for t in _terms(provenance))
     return ModelCardData(
-        base_model=provenance["base_model"] if on_hub else None,
-        base_model_relation="finetune" if on_hub else None,
+        base_model=base_id,
+        base_model_relation="finetune" if base_id else None,
         library_name="transformers",
         license=provenance.get("base_license"),
         tags=["weightsteer", "steering", "merged-adapter", *types],

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import functools
 import json
+import string
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from . import __version__
-from .errors import WeightsteerError
+from .errors import WeightsteerError, redact
 from .llamacpp import OUTTYPES
 
 # Only click, the standard library and weightsteer's light modules (errors, llamacpp) are imported here:
@@ -21,30 +23,97 @@ if TYPE_CHECKING:
     from .pipeline import Published
 
 
+BASE_ID_HELP = "The base's Hub repo id, for the card's base_model link when the base is a local folder."
+
+# Library messages name Python arguments; the CLI names its flags.
+CLI_WORDING = {
+    "overwrite=True": "--overwrite",
+    "dtype='bfloat16'": "--dtype bfloat16",
+    "adapter= / coeff=": "--adapter / --coeff",
+    "adapter= / base=": "--adapter / --base",
+}
+
+
+def cli_wording(text: str) -> str:
+    """A library message as the CLI prints it: flags instead of arguments, and no secret."""
+    for argument, flag in CLI_WORDING.items():
+        text = text.replace(argument, flag)
+    return redact(text)
+
+
 def _fail_cleanly(command):
-    """Turn WeightsteerError into a one-line message (or JSON) and exit code 1."""
+    """Turn WeightsteerError into a one-line message (or JSON) and exit code 1. Anything else is a bug: its
+    traceback is printed redacted (a library's message may quote the token), also exit code 1."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except WeightsteerError as e:
+            message = cli_wording(str(e))
             if kwargs.get("as_json"):
-                click.echo(json.dumps({"error": str(e), "type": type(e).__name__}))
+                click.echo(json.dumps({"error": message, "type": type(e).__name__}))
             else:
-                click.secho(f"error: {e}", fg="red", err=True)
+                click.secho(f"error: {message}", fg="red", err=True)
+            sys.exit(1)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception:
+            click.echo(redact(traceback.format_exc()), err=True)
+            click.secho("error: weightsteer failed unexpectedly (a bug: please report the traceback above).", fg="red", err=True)
             sys.exit(1)
 
     return wrapper
 
 
+def coeff_text(c: float) -> str:
+    """The shortest text that reads back as exactly this coeff: 0.1 → "0.1", 1.0 → "1", 1e-12 → "1e-12"."""
+    text = repr(float(c))
+    return text[:-2] if text.endswith(".0") else text
+
+
 def per_coeff(name: str, coeffs: tuple[float, ...]) -> dict[float, str]:
-    """One name per coeff: NAME as is for one coeff; NAME-c<coeff> (or a {coeff} placeholder) for several."""
-    if "{coeff}" in name:
-        return {c: name.format(coeff=f"{c:g}") for c in coeffs}
-    if len(coeffs) == 1:
-        return {coeffs[0]: name}
-    return {c: f"{name}-c{c:g}" for c in coeffs}
+    """One name per coeff: NAME as is for one coeff; NAME-c<coeff> (or a {coeff} placeholder) for several.
+
+    Coeffs are written so that they read back exactly (0.1 and 0.1000001 get different names); names that
+    still collide are refused before any work."""
+    pieces = _placeholder_pieces(name)
+    if len(pieces) > 1:
+        names = {c: coeff_text(c).join(pieces) for c in coeffs}
+    elif len(coeffs) == 1:
+        names = {coeffs[0]: pieces[0]}
+    else:
+        names = {c: f"{pieces[0]}-c{coeff_text(c)}" for c in coeffs}
+    if len(set(names.values())) != len(names):
+        raise click.BadParameter(f"two coeffs would get the same name from {name!r}", param_hint="--coeff")
+    return names
+
+
+def _placeholder_pieces(name: str) -> list[str]:
+    """NAME split at its {coeff} placeholders ({{ and }} stand for braces); any other field is refused."""
+    pieces, current = [], ""
+    try:
+        for literal, field, spec, conversion in string.Formatter().parse(name):
+            current += literal
+            if field is None:
+                continue
+            if field != "coeff" or spec or conversion:
+                raise click.BadParameter(f"{name!r}: only {{coeff}} may stand in braces (found {{{field}}}); write {{{{ and }}}} for literal braces.")
+            pieces.append(current)
+            current = ""
+    except ValueError as e:  # an unmatched brace
+        raise click.BadParameter(f"{name!r}: {e}; write {{{{ and }}}} for literal braces, {{coeff}} for the coeff.") from None
+    return [*pieces, current]
+
+
+def composition_name(name: str, hint: str) -> str:
+    """NAME for the one output of several adapters: {coeff} has no single value there ({{ and }} are braces)."""
+    pieces = _placeholder_pieces(name)
+    if len(pieces) > 1:
+        raise click.BadParameter(
+            f"{name!r}: {{coeff}} goes with one ADAPTER and its --coeff values; several ADAPTER@COEFF make one output", param_hint=hint
+        )
+    return pieces[0]
 
 
 def output_paths(output: str, coeffs: tuple[float, ...]) -> dict[float, Path]:
@@ -65,6 +134,7 @@ def main() -> None:
 @click.option("-o", "--output", required=True, help="Output folder. With several --coeff: OUTPUT-c<coeff>, or use {coeff} in it.")
 @click.option("-c", "--coeff", "coeffs", type=float, multiple=True, help="Strength; repeat for several checkpoints from one read of the base [default: 1].")
 @click.option("--base", help="Base model folder or Hub repo id [default: the adapters' base_model_name_or_path].")
+@click.option("--base-id", metavar="ORG/NAME", help=BASE_ID_HELP)
 @click.option("--scheme", help="How coeff is read (see `weightsteer schemes`), for every adapter [default: linear].")
 @click.option(
     "--compose",
@@ -96,8 +166,8 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
 @_fail_cleanly
 def merge(
-    adapters, output, coeffs, base, scheme, compose, dtype, device, task_id, overwrite, verify_mode, push_to, private, revision,
-    create_pr, gguf, outtype, llama_cpp, quiet, as_json
+    adapters, output, coeffs, base, base_id, scheme, compose, dtype, device, task_id, overwrite, verify_mode, push_to, private,
+    revision, create_pr, gguf, outtype, llama_cpp, quiet, as_json
 ) -> None:
     """Merge ADAPTER (folder or Hub repo id) into its base model and write standalone checkpoints.
 
@@ -135,14 +205,17 @@ def merge(
                 "--coeff goes with a single ADAPTER; give each of several adapters its own coeff as ADAPTER@COEFF "
                 "(e.g. ./honest@0.5 ./formal@-0.3), or write a recipe for many outputs (`weightsteer build --help`)."
             )
+        if push_to is None:
+            _push_targets(None, (), private=private, revision=revision, create_pr=create_pr)  # refuses --private alone
         steers = tuple(Steer(ref, 1.0 if c is None else c, scheme) for ref, c in terms)
-        targets = [Target(Path(output), steers, compose)]
-        pushes = [_push_targets(push_to, (None,), private=private, revision=revision, create_pr=create_pr).get(None)]
+        targets = [Target(Path(composition_name(output, "--output")), steers, compose)]
+        pushes = [composition_name(push_to, "--push") if push_to is not None else None]
     progress = not (quiet or as_json)
     published = publish_targets(
         targets,
         pushes,
         base=base,
+        base_id=base_id,
         dtype=dtype,
         device=device,
         task_id=task_id,
@@ -175,7 +248,7 @@ def _term(argument: str) -> tuple[str, float | None]:
 def _report(published: list[Published], outtype: str, quiet: bool, as_json: bool) -> None:
     for item in published:
         for warning in item.merge.warnings:
-            click.secho(f"warning: {warning}", fg="yellow", err=True)
+            click.secho(f"warning: {cli_wording(warning)}", fg="yellow", err=True)
     if as_json:
         click.echo(json.dumps([item.to_dict() for item in published], indent=2))
     elif not quiet:
@@ -185,6 +258,7 @@ def _report(published: list[Published], outtype: str, quiet: bool, as_json: bool
 
 @main.command("build")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--base-id", metavar="ORG/NAME", help=BASE_ID_HELP)
 @click.option("--device", default="cpu", show_default=True, help="Where the math runs, e.g. cuda.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output folders.")
 @click.option(
@@ -202,7 +276,7 @@ def _report(published: list[Published], outtype: str, quiet: bool, as_json: bool
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
 @_fail_cleanly
-def build_command(recipe, device, overwrite, verify_mode, private, revision, create_pr, gguf, outtype, llama_cpp, quiet, as_json) -> None:
+def build_command(recipe, base_id, device, overwrite, verify_mode, private, revision, create_pr, gguf, outtype, llama_cpp, quiet, as_json) -> None:
     """Write every output of RECIPE (YAML, or JSON with the same keys) from one read of the base.
 
     Each output lists adapters, each at its own coeff (and scheme); outputs with push: are verified, then
@@ -231,6 +305,7 @@ def build_command(recipe, device, overwrite, verify_mode, private, revision, cre
         parsed.targets,
         parsed.pushes,
         base=parsed.base,
+        base_id=base_id,
         dtype=parsed.dtype,
         device=device,
         overwrite=overwrite,
@@ -247,6 +322,7 @@ def build_command(recipe, device, overwrite, verify_mode, private, revision, cre
 
 
 def _print_published(item: Published, outtype: str) -> None:
+    from .outputs import PROVENANCE_NAME
     from .pipeline import worst_ratio
 
     r = item.merge
@@ -259,6 +335,12 @@ def _print_published(item: Published, outtype: str) -> None:
     )
     if r.dropped_files:
         click.echo(f"  not copied from the base (weights the merge did not rewrite): {', '.join(r.dropped_files)}")
+    provenance = json.loads((r.path / PROVENANCE_NAME).read_text())
+    if not provenance.get("base_model_id"):
+        click.echo(
+            f"  its card has no base_model link: the base {provenance['base_model']} is a local folder with no known "
+            "Hub id (--base-id org/name sets it)"
+        )
     if item.gguf:
         click.echo(f"wrote {item.gguf.path}  (GGUF {outtype}, llama.cpp's convert_hf_to_gguf.py)")
     if item.verification:
@@ -316,6 +398,8 @@ def verify_command(merged, adapter, coeff, base, scheme, task_id, atol, logits, 
       weightsteer verify ./model-honest --logits --prompts prompts.txt
       weightsteer verify ./merged --adapter ./honest-adapter --coeff 0.5 --base ./base-model --json
     """
+    from .card import record_verification
+    from .outputs import PROVENANCE_NAME
     from .verify import verify
 
     prompt_lines = [line for line in Path(prompts).read_text().splitlines() if line.strip()] if prompts else None
@@ -332,13 +416,18 @@ def verify_command(merged, adapter, coeff, base, scheme, task_id, atol, logits, 
         device=device,
         progress=not (quiet or as_json),
     )
+    if report.ok and (Path(merged) / PROVENANCE_NAME).is_file():
+        try:
+            record_verification(Path(merged), report.to_dict())  # the card's "Not verified yet" becomes the result
+        except OSError as e:
+            click.secho(f"warning: could not record the verification in {merged}'s card: {e.strerror}", fg="yellow", err=True)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif not quiet:
         click.echo(report.summary())
     if not report.ok:
         if not as_json:
-            click.secho(f"error: {report.failure_message()}", fg="red", err=True)
+            click.secho(f"error: {cli_wording(report.failure_message())}", fg="red", err=True)
         sys.exit(1)
 
 
@@ -481,7 +570,7 @@ def export_lora_command(
         progress=not (quiet or as_json),
     )
     for warning in result.warnings:
-        click.secho(f"warning: {warning}", fg="yellow", err=True)
+        click.secho(f"warning: {cli_wording(warning)}", fg="yellow", err=True)
     converted = None
     if gguf:
         converted = convert_lora(output, result.base, outtype=outtype, llama_cpp=llama_cpp, overwrite=overwrite)

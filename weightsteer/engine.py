@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import DTYPES, ShardWriter, TensorInfo
 from .errors import AdapterError
+from .outputs import fault_point
 from .planner import Composition, Edit, MergePlan, NewTensor, OutputTensor
 
 
@@ -49,6 +50,16 @@ class RoundingReport:
     swallowed: float = 0  # of those, elements that rounded back to the base value
     change_norm_sq: float = 0.0  # ‖W' − W‖² in fp32
     error_norm_sq: float = 0.0  # ‖round(W') − W'‖² over changed tensors
+    overflowed: float = 0  # elements finite in fp32 that became ±inf in the output dtype (exact count)
+    overflow_tensor: str | None = None  # the first tensor that overflowed, and its largest |value| in fp32
+    overflow_peak: float = 0.0
+
+    def add_overflow(self, name: str, count: int, peak: float) -> None:
+        if self.overflow_tensor is None:
+            self.overflow_tensor = name
+        if name == self.overflow_tensor:  # its row blocks may come one by one
+            self.overflow_peak = max(self.overflow_peak, peak)
+        self.overflowed += count
 
     def add(self, base: torch.Tensor, target: torch.Tensor, rounded: torch.Tensor, base_rounded: torch.Tensor) -> None:
         step = sample_step(target)
@@ -71,6 +82,8 @@ class RoundingReport:
         self.swallowed += other.swallowed
         self.change_norm_sq += other.change_norm_sq
         self.error_norm_sq += other.error_norm_sq
+        if other.overflowed:
+            self.add_overflow(other.overflow_tensor, other.overflowed, other.overflow_peak)
 
     @property
     def swallowed_share(self) -> float:
@@ -82,9 +95,10 @@ class RoundingReport:
         return math.sqrt(self.error_norm_sq / self.change_norm_sq) if self.change_norm_sq else 0.0
 
     def summary(self, dtype: str) -> str:
+        overflow = f"; {self.overflowed:.0f} values overflowed to inf" if self.overflowed else ""
         return (
             f"rounding to {dtype}: {self.swallowed_share:.1%} of changed elements rounded back to the base value; "
-            f"relative error of the change {self.relative_error:.2%}"
+            f"relative error of the change {self.relative_error:.2%}{overflow}"
         )
 
 
@@ -408,17 +422,35 @@ def _merged(tensor: OutputTensor, edit: Edit, base: torch.Tensor, base_rounded: 
     rounded = target.to(base_rounded.dtype)
     if target.shape != base.shape:  # added token rows have no base value: the report leaves them out
         base, base_rounded = (torch.cat([t, r[t.shape[0] :]]) for t, r in ((base, target), (base_rounded, rounded)))
+    _count_overflow(tensor, target, rounded, base_rounded, result.rounding)
     before = result.rounding.changed
     result.rounding.add(base, target, rounded, base_rounded)
     if result.rounding.changed > before or not torch.equal(target, base):
         result.changed_tensors.append(tensor.name)
+    fault_point("streaming")
     return rounded
+
+
+def _count_overflow(
+    tensor: OutputTensor, target: torch.Tensor, rounded: torch.Tensor, base_rounded: torch.Tensor, report: RoundingReport
+) -> None:
+    """Count the values of the (finite) fp32 target that became ±inf when rounded to the output dtype; they are put
+    back to the base's in `rounded` (in place) so that the statistics stay finite: the output is refused later."""
+    if not rounded.is_floating_point() or torch.finfo(rounded.dtype).max >= torch.finfo(torch.float32).max:
+        return
+    infinite = torch.isinf(rounded)
+    overflowed = int(infinite.sum())  # target is finite: every inf is an overflow
+    if overflowed:
+        report.add_overflow(tensor.name, overflowed, float(target.abs().max()))
+        rounded.copy_(torch.where(infinite, base_rounded.to(rounded.dtype), rounded))
 
 
 def _refuse_non_finite(tensor: OutputTensor, edit: Edit, target: torch.Tensor) -> None:
     if not math.isfinite(float(target.sum())):  # one pass; NaN and inf survive a sum
         coeffs = ", ".join(f"{step.coeff:g}" for step in edit.steps)
-        raise AdapterError(f"Merging {tensor.name} at coeff {coeffs} gives NaN or inf; check the adapter and coeff.")
+        raise AdapterError(
+            f"Merging {tensor.name} at coeff {coeffs} gives NaN or inf even in float32; check the adapters and coeffs."
+        )
 
 
 # ---- low-rank changes in row blocks ---------------------------------------------------------------
@@ -497,6 +529,7 @@ def _low_rank_blocked(
         target_block = torch.empty_like(base_block)
         sampled_rows = torch.tensor([row for start, end in share for row in range(start + -start % step, end, step)], dtype=torch.long, device=stored.device)
         sampled_targets = [torch.empty(len(sampled_rows), cols, device=stored.device) for _ in results]
+        reports = [RoundingReport() for _ in results]
         unchanged = [True] * len(results)
         done = 0
         for start, end in share:
@@ -507,10 +540,10 @@ def _low_rank_blocked(
                 target = torch.addmm(base, left[start:end], right, out=target_block[: end - start])
                 _refuse_non_finite(tensor, edit, target)
                 outputs[k][start:end].copy_(target)
+                _count_overflow(tensor, target, outputs[k][start:end], stored[start:end], reports[k])
                 sampled_targets[k][done : done + count].copy_(target[first::step])
                 unchanged[k] = unchanged[k] and torch.equal(target, base)
             done += count
-        reports = [RoundingReport() for _ in results]
         sampled_stored = stored[sampled_rows]
         base_sample, stored_rounded = sampled_stored.float(), sampled_stored.to(dtype)
         for k, report in enumerate(reports):

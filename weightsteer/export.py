@@ -35,7 +35,7 @@ from .adapters import Adapter
 from .adapters.base import MODEL_PREFIX, ModuleState
 from .checkpoint import Checkpoint
 from .errors import ExportError
-from .outputs import check_output, publish, remove_quietly, staging_dir
+from .outputs import OutputSlot
 from .merge import Adapters, open_plan, steers
 from .planner import COMPOSE_MODES, Composition, Edit, MergePlan, OutputTensor, Step, _resolve, tying
 
@@ -122,37 +122,35 @@ def export_lora(
     terms = steers(adapter, coeff, scheme)
     _check_truncation(rank, energy)
     output = Path(output)
-    check_output(output, overwrite)
     if compose not in COMPOSE_MODES:
         raise ExportError(f"compose must be one of {', '.join(COMPOSE_MODES)}; got {compose!r}.")
-    opened = open_plan(terms, base=base, task_id=task_id)
-    plan, checkpoint, base_ref = opened.plan, opened.plan.checkpoint, opened.base_ref
-    composition = Composition(tuple(opened.term(s) for s in terms), compose)
-    _refuse_vectors(plan, composition, opened.refs)
-    records = [
-        {"adapter": opened.refs[t.adapter], "adapter_type": plan.adapters[t.adapter].peft_type, "coeff": t.coeff, "scheme": t.scheme.name}
-        for t in composition.terms
-    ]
-    single = len(records) == 1
-    result = LoraExport(
-        output,
-        records[0]["coeff"] if single else None,
-        "+".join(dict.fromkeys(r["scheme"] for r in records)),
-        "+".join(dict.fromkeys(r["adapter_type"] for r in records)),
-        0,
-        checkpoint.root,
-        records,
-    )
-    modules = _module_changes(plan, composition, rank, energy, result, progress)
-    _add_tied_head(modules, plan.shared_head)
-    result.rank = max((m["factors"][0].shape[1] for m in modules.values() if "factors" in m), default=1)
-    result.modules = [m["report"] for m in modules.values() if "report" in m]
-    staging = staging_dir(output)
-    try:
-        _write(staging, modules, result.rank, plan.adapters[composition.terms[0].adapter], base_ref, result)
-        publish(staging, output)
-    finally:
-        remove_quietly(staging)
+    with OutputSlot(output, overwrite, marker=REPORT_NAME) as slot:  # locked from this check to the publish
+        opened = open_plan(terms, base=base, task_id=task_id)
+        plan, checkpoint, base_ref = opened.plan, opened.plan.checkpoint, opened.base_ref
+        slot.protect(*opened.inputs())
+        composition = Composition(tuple(opened.term(s) for s in terms), compose)
+        _refuse_vectors(plan, composition, opened.refs)
+        records = [
+            {"adapter": opened.refs[t.adapter], "adapter_type": plan.adapters[t.adapter].peft_type, "coeff": t.coeff, "scheme": t.scheme.name}
+            for t in composition.terms
+        ]
+        single = len(records) == 1
+        result = LoraExport(
+            output,
+            records[0]["coeff"] if single else None,
+            "+".join(dict.fromkeys(r["scheme"] for r in records)),
+            "+".join(dict.fromkeys(r["adapter_type"] for r in records)),
+            0,
+            checkpoint.root,
+            records,
+            warnings=list(slot.notes),
+        )
+        modules = _module_changes(plan, composition, rank, energy, result, progress)
+        _add_tied_head(modules, plan.shared_head)
+        result.rank = max((m["factors"][0].shape[1] for m in modules.values() if "factors" in m), default=1)
+        result.modules = [m["report"] for m in modules.values() if "report" in m]
+        _write(slot.stage(), modules, result.rank, plan.adapters[composition.terms[0].adapter], base_ref, result)
+        slot.publish()
     return result
 
 

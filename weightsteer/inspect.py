@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .adapters import CONFIG_NAME, REFUSED, family_for, load_adapter
+from .adapters import REFUSED, family_for, load_adapter, read_config
 from .adapters.base import split_keys
 from .checkpoint import Checkpoint
-from .errors import AdapterError, UnsupportedAdapterError
+from .errors import UnsupportedAdapterError
 from .resolve import resolve
 from .planner import Composition, Term, plan_merge
 
@@ -52,11 +51,8 @@ def inspect(adapter: str | Path, base: str | Path | None = None) -> AdapterRepor
     if fmt is not None:
         return _format_report(fmt, Path(adapter).expanduser(), base)
     folder = resolve(str(adapter), "adapter")
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise AdapterError(f"{folder} has no {CONFIG_NAME}; pass the folder PEFT's save_pretrained wrote.")
-    config = json.loads(config_path.read_text())
-    peft_type = config.get("peft_type", "?")
+    config = read_config(folder)
+    peft_type = config["peft_type"]
     report = AdapterReport(str(adapter), peft_type, "refused", base_model=config.get("base_model_name_or_path"))
     try:
         family = family_for(peft_type)

@@ -57,6 +57,7 @@ def publish_targets(
     push_to: Sequence[str | None] = (),
     *,
     base: PathLike | None = None,
+    base_id: str | None = None,
     dtype: str | None = None,
     device: str | None = None,
     task_id: int | None = None,
@@ -80,7 +81,9 @@ def publish_targets(
         check_push_target(repo, revision=revision, create_pr=create_pr)
     if gguf:
         check_converter(llama_cpp)  # a missing converter (or its dependencies) is reported before the merge
-    results = merge_targets(targets, base=base, dtype=dtype, device=device, overwrite=overwrite, progress=progress, task_id=task_id)
+    results = merge_targets(
+        targets, base=base, base_id=base_id, dtype=dtype, device=device, overwrite=overwrite, progress=progress, task_id=task_id
+    )
     published = [Published(r) for r in results]
     for item in published:
         if gguf:

@@ -300,9 +300,12 @@ def _add_module_edits(edits: dict[str, Change], checkpoint: Checkpoint, family: 
         return _add_parameter_edits(edits, names_for(checkpoint), family, state)
     weight_name = _resolve(checkpoint, state.path + ".weight", what=f"adapter module {state.path}")
     weight_shape = _info(checkpoint, weight_name).shape
-    if state.layer == "linear" and checkpoint.config.get("model_type") in CONV1D_MODELS:
-        # PEFT saves one fan_in_fan_out flag for all modules (the last one it wrapped); the architecture knows.
-        state.fan_in_fan_out = state.path.endswith(CONV1D_MODULES)
+    if state.layer == "linear":
+        # PEFT decides per layer type: Conv1D forces fan_in_fan_out=True, nn.Linear warns and resets it to False
+        # (peft/tuners/lora/layer.py dispatch_default); the saved flag is the last wrapped layer's. The
+        # architecture says which layers are Conv1D.
+        conv1d_model = checkpoint.config.get("model_type") in CONV1D_MODELS
+        state.fan_in_fan_out = conv1d_model and state.path.endswith(CONV1D_MODULES)
     if state.fan_in_fan_out:
         weight_shape = weight_shape[::-1]
     bias_name = weight_name.removesuffix("weight") + "bias"
@@ -601,7 +604,8 @@ def _refuse_quantized(checkpoint: Checkpoint) -> None:
     quantization = checkpoint.config.get("quantization_config")
     quantized = [n for n in checkpoint.tensors if n.endswith(QUANTIZED_SUFFIXES)]
     if quantization or quantized:
-        method = (quantization or {}).get("quant_method", "quantized tensors such as " + (quantized or ["?"])[0])
+        settings = quantization if isinstance(quantization, dict) else {}
+        method = settings.get("quant_method", "quantized tensors such as " + (quantized or ["?"])[0])
         raise BaseModelError(
             f"The base {checkpoint.root} is quantized ({method}). Adding a change to quantized weights either "
             "loses it or silently re-quantizes the whole tensor; merge into the unquantized base model and "

@@ -61,7 +61,10 @@ def load_recipe(recipe: str | os.PathLike | Mapping) -> Recipe:
 def _read(path: Path) -> object:
     import yaml  # PyYAML reads JSON too, but JSON's own errors are clearer for .json files
 
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"Recipe {path} cannot be read: {e}.") from None
     try:
         return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as e:

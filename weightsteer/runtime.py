@@ -10,7 +10,7 @@ import torch
 
 from .adapters import family_for
 from .adapters.base import MODEL_PREFIX, scale_scaling
-from .errors import SchemeError
+from .errors import AdapterError, SchemeError
 
 PEFT_ONLY_KWARGS = ("task_ids", "adapter_names")  # tuner-layer arguments the wrapped base layer does not take
 
@@ -31,15 +31,21 @@ def scaled(
     those adapters loaded and all active: each runs at its own coeff, as `merge([Steer(...), ...])` bakes them;
     `scheme` may then map adapter names to schemes as well.
     """
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        raise AdapterError(
+            f"scaled() needs a PEFT model with an adapter (e.g. PeftModel.from_pretrained(base, adapter)); got a "
+            f"{type(model).__name__}."
+        )
     if isinstance(coeff, Mapping):
         if adapter is not None:
             raise SchemeError("With a mapping of coeffs, name the adapters in its keys, not with adapter=.")
         coeffs = dict(coeff)
         if not coeffs:
             raise SchemeError("Give at least one adapter name and coeff.")
-        _check_active(model, coeffs)
     else:
         coeffs = {adapter or model.active_adapter: coeff}
+    _check_active(model, coeffs)
     with ExitStack() as stack:
         for name, c in coeffs.items():
             chosen = scheme.get(name) if isinstance(scheme, Mapping) else scheme
@@ -48,10 +54,13 @@ def scaled(
 
 
 def _check_active(model: torch.nn.Module, coeffs: Mapping[str, float]) -> None:
+    """Every named adapter is loaded; several are all active (PEFT runs only the active ones)."""
     loaded = list(model.peft_config)
     missing = [name for name in coeffs if name not in loaded]
     if missing:
-        raise SchemeError(f"The model has no adapter named {', '.join(map(repr, missing))}; loaded: {', '.join(loaded)}.")
+        raise AdapterError(
+            f"The model has no adapter named {', '.join(map(repr, missing))}; its adapters: {', '.join(map(repr, loaded))}."
+        )
     active = set(model.base_model.active_adapters)
     inactive = [name for name in coeffs if name not in active]
     if len(coeffs) > 1 and inactive:

@@ -31,9 +31,10 @@ from . import __version__
 from .adapters import Adapter, load_adapter
 from .adapters.base import MODEL_PREFIX, SHARED_PREFIX, ModuleState
 from .checkpoint import DTYPES, FLOAT_CODES, Checkpoint, TensorInfo, read_tensor
-from .errors import AdapterError, UnsupportedAdapterError, VerificationError
+from .errors import AdapterError, UnsupportedAdapterError, VerificationError, WeightsteerError
+from .merge import checked_device
 from .resolve import resolve
-from .outputs import PROVENANCE_NAME
+from .outputs import LOCAL_PATHS_NAME, PROVENANCE_NAME
 from .planner import CONV1D_MODELS, CONV1D_MODULES, Composition, Edit, OutputTensor, Step, Term, plan_merge
 from .runtime import scaled
 
@@ -117,7 +118,9 @@ class VerifyReport:
     missing: list[str] = field(default_factory=list)  # expected tensors absent from the merged checkpoint
     unexpected: list[str] = field(default_factory=list)  # merged tensors the base does not explain
     misshapen: dict[str, list[int]] = field(default_factory=dict)  # merged tensors with the wrong shape
+    nonfinite: dict[str, int] = field(default_factory=dict)  # merged tensors holding NaN or inf: how many values
     logits: LogitsCheck | None = None
+    recorded: list[str] = field(default_factory=list)  # what came from weightsteer.json (adapter, coeff, ...)
 
     @property
     def failures(self) -> list[str]:
@@ -131,6 +134,7 @@ class VerifyReport:
         found += [f"{n}: missing from the merged checkpoint" for n in self.missing]
         found += [f"{n}: in the merged checkpoint, but not in the base" for n in self.unexpected]
         found += [f"{n}: has shape {shape} in the merged checkpoint, unlike the base" for n, shape in self.misshapen.items()]
+        found += [f"{n}: {count} values are NaN or inf" for n, count in self.nonfinite.items()]
         if self.logits is not None and not self.logits.ok:
             found.append(f"logits: max |Δ| {self.logits.max_abs:.3g} exceeds the tolerance {self.logits.atol:.3g}")
         return found
@@ -148,6 +152,12 @@ class VerifyReport:
 
     def failure_message(self) -> str:
         lines = [f"{self.merged} does not match {self.described}:", *self.failures]
+        if self.recorded:
+            coeffs = f"coeff {self.coeff!r}" if self.coeff is not None else "coeffs " + ", ".join(repr(t["coeff"]) for t in self.terms)
+            lines.append(
+                f"({' and '.join(self.recorded)} as recorded in {PROVENANCE_NAME}, {coeffs}; pass adapter= / "
+                "coeff= to check against others)"
+            )
         return "\n  ".join(lines)
 
     def summary(self) -> str:
@@ -195,19 +205,27 @@ def verify(
     model has no tokenizer). Returns a report; `report.ok` says whether every check passed.
     """
     merged = Path(merged)
-    recorded = _recorded(merged)
-    terms = _recorded_terms(merged, recorded, adapter, coeff, scheme)
+    recorded, local = _recorded(merged)
+    from_record = [
+        name for name, given in (("adapter", adapter), ("coeff", coeff)) if given is None and (recorded.get(name) is not None or recorded.get("terms"))
+    ]
+    terms = _recorded_terms(merged, recorded, local, adapter, coeff, scheme)
     for term in terms:
         _refuse_formats(term["adapter"], term["adapter_type"])
+    compute_device = checked_device(device)
     refs = list(dict.fromkeys(t["adapter"] for t in terms))
     revisions = {t["adapter"]: t.get("adapter_revision") for t in terms}
-    loaded = [load_adapter(resolve(ref, "adapter", revisions[ref])) for ref in refs]
-    base_ref = str(base) if base is not None else recorded.get("base_model") or loaded[0].base_model
+    loaded = []
+    for ref in refs:
+        with _blaming_record(merged, "adapter" in from_record, f"the adapter {ref!r}"):
+            loaded.append(load_adapter(resolve(ref, "adapter", revisions[ref])))
+    base_ref = str(base) if base is not None else local.get("base_model") or recorded.get("base_model") or loaded[0].base_model
     if not base_ref:
         raise VerificationError(
             f"Neither {merged}/{PROVENANCE_NAME} nor the adapter config names the base model; pass --base."
         )
-    base_checkpoint = Checkpoint(resolve(base_ref, "base", _pinned(recorded, base_ref, "base_model", "base_revision")))
+    with _blaming_record(merged, base is None and bool(recorded.get("base_model")), f"the base {base_ref!r}"):
+        base_checkpoint = Checkpoint(resolve(base_ref, "base", _pinned(recorded, base_ref, "base_model", "base_revision")))
     composition = Composition(
         tuple(Term(refs.index(t["adapter"]), float(t["coeff"]), loaded[refs.index(t["adapter"])].family.scheme(t["scheme"])) for t in terms),
         recorded.get("compose", "chain"),
@@ -225,9 +243,10 @@ def verify(
             {"adapter": t["adapter"], "adapter_type": loaded[term.adapter].peft_type, "coeff": term.coeff, "scheme": term.scheme.name}
             for t, term in zip(terms, composition.terms)
         ],
+        recorded=from_record,
     )
-    device = torch.device(device or "cpu")
-    checker = _Checker(loaded, composition, options, base_checkpoint, Checkpoint(merged), atol, device)
+    with _blaming_record(merged, "adapter" in from_record, f"the adapter {report.adapter!r}"):  # plans from its config
+        checker = _Checker(loaded, composition, options, base_checkpoint, Checkpoint(merged), atol, compute_device)
     checker.run(report, progress)
     if logits or prompts is not None:
         dtype = _float_dtype(checker.merged)
@@ -237,10 +256,13 @@ def verify(
     return report
 
 
-def _recorded_terms(merged: Path, recorded: dict, adapter: PathLike | None, coeff: float | None, scheme: str | None) -> list[dict]:
-    """The terms to check: the one adapter passed, or what weightsteer.json records (every term of a composition)."""
+def _recorded_terms(
+    merged: Path, recorded: dict, local: dict, adapter: PathLike | None, coeff: float | None, scheme: str | None
+) -> list[dict]:
+    """The terms to check: the one adapter passed, or what weightsteer.json records (every term of a composition),
+    each local adapter at the absolute path kept in .weightsteer-local.json (weightsteer.json has its name only)."""
     if adapter is not None or not recorded.get("terms"):
-        ref = str(adapter) if adapter is not None else recorded.get("adapter")
+        ref = str(adapter) if adapter is not None else local.get("adapter", recorded.get("adapter"))
         coeff = coeff if coeff is not None else recorded.get("coeff")
         if ref is None or coeff is None:
             raise VerificationError(
@@ -253,10 +275,12 @@ def _recorded_terms(merged: Path, recorded: dict, adapter: PathLike | None, coef
         raise VerificationError(
             f"{merged} is a composition of {len(recorded['terms'])} adapters, each at its own coeff; --coeff needs --adapter."
         )
+    paths = local.get("terms")
+    paths = paths if isinstance(paths, list) and len(paths) == len(recorded["terms"]) else [None] * len(recorded["terms"])
     return [
-        {"adapter": t["adapter"], "coeff": coeff if coeff is not None else t["coeff"], "scheme": scheme or t["scheme"]["name"],
-         "adapter_revision": t.get("adapter_revision"), "adapter_type": t.get("adapter_type")}
-        for t in recorded["terms"]
+        {"adapter": path or t["adapter"], "coeff": coeff if coeff is not None else t["coeff"], "scheme": scheme or t["scheme"]["name"],
+         "adapter_revision": None if path else t.get("adapter_revision"), "adapter_type": t.get("adapter_type")}
+        for t, path in zip(recorded["terms"], paths)
     ]
 
 
@@ -274,11 +298,32 @@ def _refuse_formats(adapter_ref: str, recorded_type: str | None) -> None:
         )
 
 
-def _recorded(merged: Path) -> dict:
+def _recorded(merged: Path) -> tuple[dict, dict]:
+    """weightsteer.json, and the absolute local input paths kept beside it (see outputs.LOCAL_PATHS_NAME)."""
     if not merged.is_dir():
         raise VerificationError(f"{merged} is not a folder; pass the folder of a merged checkpoint.")
-    path = merged / PROVENANCE_NAME
-    return json.loads(path.read_text()) if path.is_file() else {}
+    found = []
+    for name in (PROVENANCE_NAME, LOCAL_PATHS_NAME):
+        path = merged / name
+        try:
+            data = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError as e:
+            raise VerificationError(f"{path} is not valid JSON ({e}); pass adapter= / coeff=.") from None
+        if not isinstance(data, dict):
+            raise VerificationError(f"{path} is not a JSON object; pass adapter= / coeff=.")
+        found.append(data)
+    return found[0], found[1]
+
+
+@contextmanager
+def _blaming_record(merged: Path, from_record: bool, what: str) -> Iterator[None]:
+    """An input taken from weightsteer.json that cannot be read: say where it came from."""
+    try:
+        yield
+    except WeightsteerError as e:
+        if not from_record:
+            raise
+        raise type(e)(f"{e} ({what} is recorded in {merged / PROVENANCE_NAME}; pass adapter= / base= to use another.)") from None
 
 
 def _pinned(recorded: dict, ref: str, ref_key: str, revision_key: str) -> str | None:
@@ -330,6 +375,7 @@ class _Checker:
         report.unexpected = sorted(set(stored) - set(self.outputs))
         present = [t for t in self.outputs.values() if t.name in stored]
         report.misshapen = {t.name: list(stored[t.name].shape) for t in present if stored[t.name].shape != t.shape}
+        self.nonfinite = report.nonfinite
         for tensor in tqdm([t for t in present if t.name not in report.misshapen], desc="verifying", disable=not progress):
             edit = self.edits.get(tensor.name)
             if edit is None:
@@ -360,11 +406,19 @@ class _Checker:
         return self.base.read(tensor.source.name).to(self.device, torch.float32)
 
     def _read_merged(self, name: str) -> torch.Tensor:
-        return self.merged.read(name).to(self.device, torch.float32)
+        return self._count_nonfinite(name, self.merged.read(name).to(self.device, torch.float32))
+
+    def _count_nonfinite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Every merged tensor is read once through here: NaN or inf anywhere fails, whatever the adapter touches."""
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                self.nonfinite[name] = bad
+        return tensor
 
     def _untouched_difference(self, tensor: OutputTensor) -> float | None:
         """None when the merged tensor is the base tensor (cast to the merged dtype) bit for bit, else max |Δ|."""
-        merged = read_tensor(self.merged.tensors[tensor.name])
+        merged = self._count_nonfinite(tensor.name, read_tensor(self.merged.tensors[tensor.name]))
         base = self.base.read(tensor.source.name).to(merged.dtype)
         if torch.equal(merged.reshape(-1).view(torch.uint8), base.reshape(-1).view(torch.uint8)):
             return None
@@ -573,7 +627,14 @@ def _peft_layer(adapters: Sequence[_Loaded], state: ModuleState, layer: nn.Modul
     tuner_layer = model.base_model.model.get_submodule(state.path)
     for loaded in adapters:
         tensors = {**_module_tensors(loaded.adapter, state.path), **_shared_tensors(model, loaded)}
-        result = set_peft_model_state_dict(model, tensors, adapter_name=loaded.name)
+        try:
+            result = set_peft_model_state_dict(model, tensors, adapter_name=loaded.name)
+        except RuntimeError as e:  # size mismatches: the config (r, ...) disagrees with the saved tensors
+            detail = str(e).strip().splitlines()[-1].strip()
+            raise AdapterError(
+                f"PEFT cannot load the tensors of {loaded.adapter.path} for {state.path} with its own config ({detail}); "
+                "adapter_config.json does not match adapter_model.safetensors (e.g. its r)."
+            ) from None
         if result.unexpected_keys:
             raise AdapterError(
                 f"PEFT does not load {', '.join(result.unexpected_keys)} into the module {state.path}; "

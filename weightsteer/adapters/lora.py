@@ -122,6 +122,7 @@ class LoRA(AdapterFamily):
             a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
             require(params, path, a_name, b_name)
             _expand_block_diagonal(config, path, params)
+            _check_rank(config, path, params[a_name], params[b_name], a_name, b_name)
             rank = params[a_name].shape[0]
             alpha = pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8))
             scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
@@ -360,6 +361,21 @@ def _token_indices(config: dict, path: str) -> list[int]:
             raise AdapterError(f"Adapter stores trainable token rows for {path}, but trainable_token_indices names no such module.")
         indices = indices[names[0]]
     return config_token_indices(indices, f"trainable_token_indices for {path}")
+
+
+def _check_rank(config: dict, path: str, a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str) -> None:
+    """A (r × in) and B (out × r) must share the rank the config gives (PEFT sizes its layers from the config)."""
+    if a.dim() < 2 or b.dim() < 2 or a.shape[0] != b.shape[1]:
+        raise AdapterError(
+            f"Adapter module {path}: {a_name} has shape {tuple(a.shape)} and {b_name} {tuple(b.shape)}; their ranks "
+            "disagree, so the adapter file is inconsistent."
+        )
+    configured = pattern_value(config.get("rank_pattern"), path, config.get("r"))
+    if configured is not None and configured != a.shape[0]:
+        raise AdapterError(
+            f"Adapter module {path}: adapter_config.json gives r = {configured}, but its tensors have rank {a.shape[0]}; "
+            "PEFT cannot load this adapter either. Fix r (or rank_pattern) in the config."
+        )
 
 
 def _factors(state: ModuleState) -> tuple[torch.Tensor, torch.Tensor]:

@@ -146,9 +146,11 @@ class AntiPaSTO(Format):
         if config is None or not config.is_file():
             return False
         try:
-            return json.loads(config.read_text()).get("peft_type") in VARIANTS
-        except ValueError:
+            data = json.loads(config.read_text())
+        except (ValueError, OSError):
             return False
+        # A malformed config is not this format's: load_adapter refuses it in one line.
+        return isinstance(data, dict) and isinstance(data.get("peft_type"), str) and data["peft_type"] in VARIANTS
 
     def read(self, path):
         config = json.loads((path / CONFIG_NAME).read_text())
