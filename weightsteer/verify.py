@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .adapters import Adapter, load_adapter
 from .adapters.base import MODEL_PREFIX, SHARED_PREFIX, ModuleState
+from .adapters.trainable_tokens import INDICES, ROWS
 from .checkpoint import DTYPES, FLOAT_CODES, Checkpoint, TensorInfo, read_tensor
 from .errors import AdapterError, UnsupportedAdapterError, VerificationError, WeightsteerError
 from .merge import checked_device
@@ -648,11 +649,16 @@ def _peft_layer(adapters: Sequence[_Loaded], state: ModuleState, layer: nn.Modul
 
 def _isolated(config, state: ModuleState):
     """The adapter's config, wrapping only this module (see ISOLATED)."""
-    from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+    from peft.utils.constants import DUMMY_TARGET_MODULES, INCLUDE_LINEAR_LAYERS_SHORTHAND
 
     overrides = dict(ISOLATED)
     if config.target_modules == INCLUDE_LINEAR_LAYERS_SHORTHAND:  # PEFT resolves it on transformers models only
         overrides["target_modules"] = [state.path]
+    if ROWS in state.tensors and hasattr(config, "trainable_token_indices"):
+        # LoRA's token rows: PEFT wraps the embedding in a TrainableTokensWrapper, with no LoRA layer to target
+        # (DUMMY_TARGET_MODULES: peft/tuners/tuners_utils.py, inject_adapter)
+        overrides["target_modules"] = DUMMY_TARGET_MODULES
+        overrides["trainable_token_indices"] = {state.path.split(".")[-1]: state.tensors[INDICES].tolist()}
     fields = {f.name for f in dataclasses.fields(config)}
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if k in fields})
 
@@ -663,7 +669,7 @@ def _module_tensors(adapter: Adapter, path: str) -> dict[str, torch.Tensor]:
     return {
         key: tensor
         for key, tensor in adapter.tensors.items()
-        if key.startswith(prefix) and key[len(prefix) :].split(".")[0] in adapter.family.tokens
+        if key.startswith(prefix) and any(key[len(prefix) :].startswith(f"{token}.") or key[len(prefix) :] == token for token in adapter.family.tokens)
     }
 
 
