@@ -507,8 +507,12 @@ class _Checker:
         if self.atol is not None:
             return self.atol
         merged_size, base_size = _term_size(state, *merged, x), _term_size(state, *base, x)
-        fan_in = 1 if state.layer == "embedding" else x.shape[-1]
-        fp32_noise = math.sqrt(fan_in) * FP32_EPS
+        if state.layer == "embedding":
+            # A row is looked up, but the adapter may mix its entries (OFT, BOFT, HRA rotate blocks of it): each
+            # entry's fp32 noise then scales with the row's norm, not with the entry.
+            row_norms = merged[0][x].norm(dim=-1, keepdim=True) + base[0][x].norm(dim=-1, keepdim=True)
+            return TOLERANCE_SIGMAS * (unit * merged_size + FP32_EPS * row_norms)
+        fp32_noise = math.sqrt(x.shape[-1]) * FP32_EPS
         return TOLERANCE_SIGMAS * (unit * merged_size + fp32_noise * (merged_size + base_size))
 
 
