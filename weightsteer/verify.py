@@ -663,6 +663,10 @@ def _isolated(config, state: ModuleState):
         # (DUMMY_TARGET_MODULES: peft/tuners/tuners_utils.py, inject_adapter)
         overrides["target_modules"] = DUMMY_TARGET_MODULES
         overrides["trainable_token_indices"] = {state.path.split(".")[-1]: state.tensors[INDICES].tolist()}
+    if config.peft_type == "ADALORA" and config.rank_pattern:
+        # AdaLoRA's rank_pattern holds the kept ranks of every module by its full path; PEFT resizes each of them on
+        # loading (AdaLoraModel.resize_state_dict_by_rank_pattern), so the lone layer keeps its own entry only
+        overrides["rank_pattern"] = {k: v for k, v in config.rank_pattern.items() if k.startswith(f"{state.path}.")}
     fields = {f.name for f in dataclasses.fields(config)}
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if k in fields})
 
