@@ -124,7 +124,7 @@ def _tokens(**kwargs):
 # the row is about), `_edited` turns the saved tensors into the special case the row names.
 ZERO = dict(schemes=(None,), coeffs=(0,))  # c = 0 is the base, byte for byte (on a sharded base: every shard)
 SCALING_SHORT = {"knob:scaling": (-1, 2)}
-FAMILY_CASES: list[Case] = []  # not in TYPE_CASES, whose rows tests/test_types.py also runs `verify` on
+FAMILY_CASES: list[Case] = []  # tests/test_types.py runs `verify` on every row of CASES as well
 
 
 def _edited(change: Callable[[dict], dict | None]):

@@ -674,11 +674,10 @@ def _isolated(config, state: ModuleState):
 def _module_tensors(adapter: Adapter, path: str) -> dict[str, torch.Tensor]:
     """The adapter's saved tensors for one module: its own parameters, not replaced base tensors."""
     prefix = f"{MODEL_PREFIX}{path}."
-    return {
-        key: tensor
-        for key, tensor in adapter.tensors.items()
-        if key.startswith(prefix) and any(key[len(prefix) :].startswith(f"{token}.") or key[len(prefix) :] == token for token in adapter.family.tokens)
-    }
+    def own(name: str) -> bool:  # a token may span parts: LoRA's "token_adapter.trainable_tokens_delta"
+        return any(name == token or name.startswith(f"{token}.") for token in adapter.family.tokens)
+
+    return {key: tensor for key, tensor in adapter.tensors.items() if key.startswith(prefix) and own(key[len(prefix) :])}
 
 
 def _shared_tensors(model, loaded: _Loaded) -> dict[str, torch.Tensor]:
