@@ -217,18 +217,7 @@ def _verify_coeff(case):
     return scheme, nonzero[0] if nonzero else 0
 
 
-VERIFY_XFAIL: dict[str, str] = {}
-
-
-def _verify_params():
-    for case in CASES:
-        marks = list(case.marks)
-        if case.id in VERIFY_XFAIL:
-            marks.append(pytest.mark.xfail(reason=VERIFY_XFAIL[case.id], strict=True))
-        yield pytest.param(case, id=case.id, marks=marks)
-
-
-@pytest.mark.parametrize("case", list(_verify_params()))
+@pytest.mark.parametrize("case", [pytest.param(case, id=case.id, marks=case.marks) for case in CASES])
 def test_verify_passes_every_row_and_catches_a_tampered_tensor(bases, tmp_path, case):
     """verify rebuilds each adapted module with PEFT alone; every row of tests/cases.py must pass at a coeff it
     supports, and a change of one element of a checked tensor must fail (the check is not vacuous for any row)."""
