@@ -220,7 +220,7 @@ def _verify_coeff(case):
 @pytest.mark.parametrize("case", [pytest.param(case, id=case.id, marks=case.marks) for case in CASES])
 def test_verify_passes_every_row_and_catches_a_tampered_tensor(bases, tmp_path, case):
     """verify rebuilds each adapted module with PEFT alone; every row of tests/cases.py must pass at a coeff it
-    supports, and a change of one element of a checked tensor must fail (the check is not vacuous for any row)."""
+    supports, and a change of one element in a checked tensor must fail, each one named (no row is vacuous)."""
     scheme, coeff = _verify_coeff(case)
     adapter = case.adapter(bases(case.arch), tmp_path / "a")
     out = weightsteer.merge(adapter, tmp_path / "out", coeff=coeff, scheme=scheme, **case.options)
