@@ -8,6 +8,7 @@ from .errors import (  # noqa: E402
     OutputError,
     PushError,
     SchemeError,
+    SweepError,
     UnsupportedAdapterError,
     VerificationError,
     WeightsteerError,
@@ -15,6 +16,7 @@ from .errors import (  # noqa: E402
 from .hub import push  # noqa: E402
 from .merge import MergeResult, RoundingReport, merge, merge_many  # noqa: E402
 from .runtime import scaled  # noqa: E402
+from .sweep import SweepPoint, SweepReport, sweep  # noqa: E402
 from .verify import LogitsCheck, TensorCheck, VerifyReport, verify  # noqa: E402
 
 __all__ = [
@@ -22,10 +24,13 @@ __all__ = [
     "merge",
     "merge_many",
     "scaled",
+    "sweep",
     "verify",
     "push",
     "MergeResult",
     "RoundingReport",
+    "SweepReport",
+    "SweepPoint",
     "VerifyReport",
     "TensorCheck",
     "LogitsCheck",
@@ -37,4 +42,5 @@ __all__ = [
     "OutputError",
     "VerificationError",
     "PushError",
+    "SweepError",
 ]

@@ -59,9 +59,14 @@ def _license_from_text(text: str) -> str | None:
 def record_verification(folder: Path, verification: Mapping, **card_options) -> None:
     """Store a verification summary (`VerifyReport.to_dict()`, or NOT_VERIFIED) in weightsteer.json and
     rewrite the card. card_options go to `write_card`."""
+    record(folder, "verification", verification, **card_options)
+
+
+def record(folder: Path, key: str, value: Mapping, **card_options) -> None:
+    """Store `value` under `key` in folder/weightsteer.json and rewrite the card (card_options go to `write_card`)."""
     path = folder / PROVENANCE_NAME
     provenance = json.loads(path.read_text())
-    provenance["verification"] = dict(verification)
+    provenance[key] = dict(value)
     path.write_text(json.dumps(provenance, indent=2) + "\n")
     write_card(folder, **card_options)
 
@@ -122,10 +127,22 @@ no extra compute.
 | coeff | {provenance["coeff"]:g} |
 | scheme | `{scheme["name"]}`: {scheme["formula"]} |
 | weightsteer | {provenance["weightsteer_version"]} |
-| tensors changed | {len(result["changed_tensors"])} |
+| tensors changed | {len(result["changed_tensors"])} |{_calibration_row(provenance.get("calibration"))}
 | rounding | {rounding["swallowed_share"]:.1%} of changed elements rounded back to the base value; \
 relative error of the change {rounding["relative_error"]:.2%} |
 """
+
+
+def _calibration_row(calibration: dict | None) -> str:
+    """The table row that says how a kl:K coeff was found (empty without a calibration)."""
+    if not calibration:
+        return ""
+    point = calibration["point"]
+    return (
+        f"\n| calibration | coeff {calibration['coeff']:g}, calibrated to p95 KL {float(calibration['target_kl'])} nat on "
+        f"{calibration['prompts']} prompts ({calibration['tokens']} greedy tokens each; measured p95 KL "
+        f"{point['kl_p95']:.3g}, mean {point['kl_mean']:.3g}) by `weightsteer sweep` |"
+    )
 
 
 def _reference(ref: str, revision: str | None) -> str:

@@ -41,3 +41,7 @@ class ExportError(WeightsteerError):
 
 class ConverterError(WeightsteerError):
     """An external converter (llama.cpp's convert_hf_to_gguf.py, convert_lora_to_gguf.py) is missing or failed."""
+
+
+class SweepError(WeightsteerError):
+    """A sweep's inputs (coeffs, prompts, pairs, KL budget, output folder) are invalid, or a plot cannot be drawn."""

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
-from .card import record_verification
-from .errors import VerificationError
+from .card import record, record_verification
+from .errors import SweepError, VerificationError
 from .hub import check_push_target, push, repo_url
 from .llamacpp import GGUFResult, check_converter, convert_model
 from .merge import MergeResult, merge_many
+from .sweep import KLTarget
 from .verify import VerifyReport, verify
 
 PathLike = str | os.PathLike
@@ -26,12 +27,35 @@ class Published:
     verification: VerifyReport | None = None
     gguf: GGUFResult | None = None
     url: str | None = None
+    calibration: Mapping | None = None  # how a kl:K coeff was found (Calibration.to_dict())
 
     def to_dict(self) -> dict:
         return self.merge.to_dict() | {
             "verification": self.verification.to_dict() if self.verification else None,
             "url": self.url,
-        } | ({"gguf": self.gguf.to_dict()} if self.gguf else {})
+        } | ({"gguf": self.gguf.to_dict()} if self.gguf else {}) | ({"calibration": self.calibration} if self.calibration else {})
+
+
+def calibrate_coeffs(
+    adapter: PathLike, coeffs: Sequence[float | KLTarget], **options
+) -> tuple[list[float], dict[float, dict]]:
+    """Replace every KLTarget of `coeffs` by the coeff a calibration finds (one model load for all of them).
+
+    Returns the coeffs in order and, for each calibrated one, its record for weightsteer.json. options go to
+    `weightsteer.sweep.calibrate` (prompts, tokens, base, scheme, device, dtype, task_id, progress); a budget
+    that cannot be reached raises SweepError with the reason.
+    """
+    targets = [c for c in coeffs if isinstance(c, KLTarget)]
+    if not targets:
+        return [float(c) for c in coeffs], {}
+    from .sweep import calibrate
+
+    found = {c.target: c for c in calibrate(adapter, list(dict.fromkeys(targets)), **options)}
+    failed = [f"--coeff {t}: {c.reason}" for t, c in found.items() if c.coeff is None]
+    if failed:
+        raise SweepError("; ".join(failed) + ". Choose a smaller budget or pass the coeff as a number.")
+    resolved = [found[c].coeff if isinstance(c, KLTarget) else float(c) for c in coeffs]
+    return resolved, {c.coeff: c.to_dict() for c in found.values()}
 
 
 def merge_and_publish(
@@ -53,11 +77,12 @@ def merge_and_publish(
     outtype: str = "f32",
     llama_cpp: PathLike | None = None,
     progress: bool = False,
+    calibrations: Mapping[float, Mapping] | None = None,
 ) -> list[Published]:
     """Merge at every coeff of `outputs` (coeff → folder) from one read of the base, then convert, verify and push.
 
     verify_outputs=None verifies only what is pushed; False pushes unverified (the card says so).
-    push_to maps coeffs to Hub repo ids.
+    push_to maps coeffs to Hub repo ids. calibrations (from `calibrate_coeffs`) go into weightsteer.json and the card.
     """
     repos = dict(push_to or {})
     for repo in repos.values():
@@ -67,8 +92,10 @@ def merge_and_publish(
     results = merge_many(
         adapter, outputs, base=base, scheme=scheme, dtype=dtype, device=device, overwrite=overwrite, progress=progress, task_id=task_id
     )
-    published = [Published(r) for r in results]
+    published = [Published(r, calibration=(calibrations or {}).get(r.coeff)) for r in results]
     for item in published:
+        if item.calibration:
+            record(item.merge.path, "calibration", item.calibration)
         if gguf:
             item.gguf = convert_model(item.merge.path, outtype=outtype, llama_cpp=llama_cpp, overwrite=overwrite)
     if verify_outputs or (verify_outputs is None and repos):
