@@ -26,6 +26,7 @@ import inspect
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -166,7 +167,10 @@ class SweepReport:
     prompt_texts: list[str] = field(default_factory=list)  # of the samples, for report.md
 
     def point(self, coeff: float) -> SweepPoint:
-        return next(p for p in self.points if p.coeff == coeff)
+        found = [p for p in self.points if p.coeff == coeff]
+        if not found:
+            raise KeyError(f"no point at coeff {coeff:g}; measured: {', '.join(f'{p.coeff:g}' for p in self.points)}")
+        return found[0]
 
     def to_dict(self) -> dict:
         """The sweep.json object."""
@@ -328,6 +332,14 @@ def _json_fields(path: PathLike, number: int, line: str, names: tuple[str, ...])
     return [record[n] for n in names]
 
 
+def _pair(value: Pair | Mapping[str, str]) -> Pair:
+    if isinstance(value, Pair):
+        return value
+    if not isinstance(value, Mapping) or not all(isinstance(value.get(k), str) for k in ("prompt", "positive", "negative")):
+        raise SweepError(f"A pair needs string fields prompt, positive and negative; got {value!r}.")
+    return Pair(value["prompt"], value["positive"], value["negative"])
+
+
 def prompts_digest(prompts: Sequence[str]) -> str:
     """sha256 of the prompts as a JSON list (UTF-8, no ASCII escapes): identifies what a calibration measured."""
     return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode("utf-8")).hexdigest()
@@ -479,7 +491,7 @@ class _Session:
         if tokens < 1 or batch_size < 1:
             raise SweepError(f"tokens and batch_size must be at least 1, got tokens={tokens}, batch_size={batch_size}.")
         prompts = list(default_prompts() if prompts is None else prompts)
-        pairs = [p if isinstance(p, Pair) else Pair(p["prompt"], p["positive"], p["negative"]) for p in pairs or []]
+        pairs = [_pair(p) for p in pairs or []]
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise SweepError("prompts must be a non-empty list of non-empty strings.")
         loaded = load_adapter(resolve(str(adapter), "adapter"))
@@ -497,9 +509,16 @@ class _Session:
         except Exception as e:  # transformers raises many types for a missing or broken tokenizer
             raise BaseModelError(f"sweep needs the base's tokenizer, and {base_path} has none usable ({type(e).__name__}: {e}).") from None
         with _loading_bars(False):
-            placement = {} if device.type == "cpu" else {"device_map": str(device)}
-            model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype, **placement)
-            model = PeftModel.from_pretrained(model, str(loaded.path)).eval()
+            try:
+                model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype).to(device)
+            except Exception as e:  # transformers raises many types for a folder it cannot load
+                raise BaseModelError(f"transformers cannot load {base_path} as a causal LM ({type(e).__name__}: {e}).") from None
+            try:
+                with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing
+                    warnings.simplefilter("ignore", FutureWarning)
+                    model = PeftModel.from_pretrained(model, str(loaded.path)).eval()
+            except Exception as e:  # PEFT raises many types for an adapter that does not fit the base
+                raise BaseModelError(f"PEFT cannot load {loaded.path} onto {base_path} ({type(e).__name__}: {e}).") from None
         return cls(model, tokenizer, base_ref, chosen, prompts, pairs, tokens, batch_size, chat_template, task_id, device)
 
     def _encode_prompt(self, text: str) -> list[int]:
