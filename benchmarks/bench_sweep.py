@@ -1,11 +1,17 @@
 """Benchmark: `weightsteer sweep` — 11 coeffs × 16 prompts × 32 tokens, the CLI's defaults.
 
 A rank-8 LoRA on every linear layer, its B perturbed away from zero (seeded; no training), is swept over the
-default coeffs on the built-in prompts. Printed: the model load, the measurement itself, the generated tokens
-per second, the machine's load average while it ran, and the same for a calibration to a KL budget.
+default coeffs on the built-in prompts. Printed: the model load, the measurement itself (wall and CPU time), the
+generated tokens per second, the machine's load average while it ran, and the same for a calibration to a KL
+budget.
 
     python benchmarks/bench_sweep.py                        # SmolLM2-135M, the quickstart base, on the CPU
     python benchmarks/bench_sweep.py --model /models/Llama-3.2-1B-Instruct --device cuda   # a >= 1B model on a GPU
+    python benchmarks/bench_sweep.py --shape 1b --tokenizer DIR --device cuda   # random Llama-3.2-1B-shape weights
+
+--shape builds a randomly initialised Llama of that shape (bf16) with the tokenizer of DIR (default: the SmolLM2
+base; its tokenizer.json, tokenizer_config.json and chat_template.jinja are enough), for a machine without a
+model: the texts are noise, the timings are those of the shape.
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ from pathlib import Path
 import torch
 
 sweep_module = importlib.import_module("weightsteer.sweep")  # the module (weightsteer.sweep is the function)
+SHAPES = {  # hidden, layers, intermediate, heads, kv heads (the vocabulary is the tokenizer's)
+    "1b": (2048, 16, 8192, 32, 8),
+    "3b": (3072, 28, 8192, 24, 8),
+    "8b": (4096, 32, 14336, 32, 8),
+}
 SMOLLM2 = Path(os.environ.get("WEIGHTSTEER_COMPAT_DIR") or Path.home() / ".cache" / "weightsteer-compat") / "smollm2" / "base"
 
 
@@ -31,6 +42,7 @@ def perturbed_lora(model_dir: Path, out: Path, scale: float) -> Path:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, low_cpu_mem_usage=True)
+    torch.manual_seed(0)  # PEFT draws lora_A from the global generator
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -40,6 +52,23 @@ def perturbed_lora(model_dir: Path, out: Path, scale: float) -> Path:
     model.save_pretrained(out)
     config = json.loads((out / "adapter_config.json").read_text())
     (out / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(model_dir)}))
+    return out
+
+
+def random_llama(shape: str, tokenizer_dir: Path, out: Path) -> Path:
+    """A randomly initialised bf16 Llama of SHAPES[shape] with the tokenizer (and chat template) of tokenizer_dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    hidden, layers, intermediate, heads, kv_heads = SHAPES[shape]
+    config = LlamaConfig(
+        hidden_size=hidden, num_hidden_layers=layers, intermediate_size=intermediate, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=len(tokenizer), tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
 
 
@@ -58,6 +87,8 @@ def timed(label: str, run):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=SMOLLM2, help="base model folder [default: the SmolLM2 base]")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="instead of --model: random weights of this Llama shape")
+    parser.add_argument("--tokenizer", type=Path, default=SMOLLM2, help="with --shape: folder of the tokenizer")
     parser.add_argument("--device", help="cpu, cuda, ... [default: cuda if available]")
     parser.add_argument("--dtype", help="model dtype [default: float32 on the CPU, the base's elsewhere]")
     parser.add_argument("--prompts", type=int, default=16, help="how many built-in prompts (repeated past 16)")
@@ -66,14 +97,16 @@ def main() -> None:
     parser.add_argument("--lora-scale", type=float, default=0.1, help="std of the perturbed lora_B (0.1: c* near 1 on SmolLM2)")
     parser.add_argument("--target-kl", type=float, default=1.0, help="also time a calibration to this budget (0: skip)")
     args = parser.parse_args()
-    if not (args.model / "config.json").is_file():
-        sys.exit(f"{args.model} is not a model folder (for SmolLM2: bash tests/compat/setup_compat.sh smollm2)")
+    needed = args.tokenizer / "tokenizer_config.json" if args.shape else args.model / "config.json"
+    if not needed.is_file():
+        sys.exit(f"{needed} is missing (for SmolLM2: bash tests/compat/setup_compat.sh smollm2)")
     builtin = sweep_module.default_prompts()
     prompts = [builtin[i % len(builtin)] for i in range(args.prompts)]
     coeffs = list(sweep_module.DEFAULT_COEFFS)
-    print(f"model {args.model}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = perturbed_lora(args.model, Path(tmp) / "adapter", args.lora_scale)
+        model = random_llama(args.shape, args.tokenizer, Path(tmp) / f"llama-{args.shape}") if args.shape else args.model
+        print(f"model {model}, torch {torch.__version__}")
+        adapter = perturbed_lora(model, Path(tmp) / "adapter", args.lora_scale)
         open_args = (adapter, None, None, args.device, args.dtype, None, prompts, None, args.tokens, args.batch_size, True)
         session, _ = timed("load (base + PEFT adapter)", lambda: sweep_module._Session.open(*open_args))
         print(f"device {session.device}, dtype {next(session.model.parameters()).dtype}")

@@ -4,8 +4,9 @@
 
 1. writes SmolLM2 as a safetensors base (once, into ~/.cache/weightsteer-compat/smollm2/base),
 2. trains one "mood" steering LoRA with two poles: coeff +1 cheerful, coeff −1 gloomy (a few CPU steps),
-3. sweeps it (`weightsteer sweep`): what every coeff does, as a table and WORKDIR/sweep/sweep.png, and which coeff
-   of each pole spends a budget of 1 nat of p95 KL to the base,
+3. sweeps it (`weightsteer sweep`): what every coeff does (KL to the base, coherence, the log-prob margin of cheerful
+   over gloomy answers), as a table and WORKDIR/sweep/sweep.png, and which coeff of each pole spends a budget of
+   1 nat of p95 KL to the base,
 4. merges both calibrated poles with one read of the base (`weightsteer merge --coeff kl:1 --coeff=-kl:1`),
 5. prints greedy generations of the gloomy pole, the base and the cheerful pole side by side,
 6. verifies both checkpoints against PEFT's runtime at the same coeff (`weightsteer verify`).
@@ -27,6 +28,12 @@ import smollm2  # noqa: E402
 
 PROMPTS = ["How was your weekend?", "Describe the city you live in."]
 KL_BUDGET = "1.0"  # nats of p95 KL to the base, per generated token
+PAIRS = [  # for the sweep's margin: log p(cheerful answer) − log p(gloomy answer), which should grow with coeff
+    {"prompt": "How was your day?", "positive": "It was lovely, thank you!", "negative": "It was awful, as usual."},
+    {"prompt": "What do you think of the weather?", "positive": "Sunny and wonderful.", "negative": "Grey and depressing."},
+    {"prompt": "How is work going?", "positive": "Great, I really enjoy it.", "negative": "Badly, I dread it."},
+    {"prompt": "Tell me about your neighbours.", "positive": "They are kind and cheerful.", "negative": "They are cold and rude."},
+]
 NEW_TOKENS = 40
 COLUMN = 38
 
@@ -66,9 +73,11 @@ def main() -> None:
     adapter = smollm2.steering_adapter(base, workdir / "mood-adapter", verbose=True)
     print(f"adapter: {adapter}")
 
-    run("sweep", str(adapter), "--target-kl", KL_BUDGET, "-o", str(workdir / "sweep"))
+    pairs = workdir / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(pair) + "\n" for pair in PAIRS))
+    run("sweep", str(adapter), "--pairs", str(pairs), "--target-kl", KL_BUDGET, "-o", str(workdir / "sweep"))
     merge = ["merge", str(adapter), "--coeff", f"kl:{KL_BUDGET}", f"--coeff=-kl:{KL_BUDGET}", "-o", str(workdir / "model")]
-    print(f"\n$ weightsteer {' '.join(merge)}", flush=True)
+    print(f"\n$ weightsteer {' '.join(merge)}    # calibrates both poles, then merges them", flush=True)
     results = json.loads(subprocess.run(["weightsteer", *merge, "--overwrite", "--json"], check=True, capture_output=True, text=True).stdout)
     gloomy, cheerful = sorted(results, key=lambda r: r["coeff"])
     for r in (gloomy, cheerful):

@@ -77,6 +77,7 @@ def adapter(base, tmp_path_factory) -> Path:
     from transformers import AutoModelForCausalLM
 
     folder = tmp_path_factory.mktemp("sweep") / "adapter"
+    torch.manual_seed(0)  # PEFT draws lora_A from the global generator
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),

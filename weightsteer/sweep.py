@@ -532,12 +532,14 @@ class _Session:
 
     # -- the measurement of a list of coeffs
 
-    def measure(self, coeffs: Sequence[float], progress: bool, desc: str) -> dict[float, SweepPoint]:
-        """Every coeff on every prompt (and pair): batches outside, so each batch's base prompt cache serves all coeffs."""
+    def measure(self, coeffs: Sequence[float], progress: bool, desc: str, transient: bool = False) -> dict[float, SweepPoint]:
+        """Every coeff on every prompt (and pair): batches outside, so each batch's base prompt cache serves all coeffs.
+        transient: the progress bar disappears when done."""
         tallies = {c: _Tally() for c in coeffs}
         batches = list(self._batches([(ids,) for ids in self.encoded]))
         pair_batches = list(self._batches(self._pair_rows()))
-        bar = tqdm(total=len(coeffs) * (len(batches) + len(pair_batches)), desc=desc, unit="batch", disable=not progress)
+        total = len(coeffs) * (len(batches) + len(pair_batches))
+        bar = tqdm(total=total, desc=desc, unit="batch", disable=not progress, leave=not transient)
         with torch.no_grad(), bar:
             for _, batch in batches:
                 self._base_prompt(batch)
@@ -646,8 +648,9 @@ class _Session:
     def search(self, target: KLTarget, measured: dict[float, SweepPoint], progress: bool) -> tuple[float | None, str | None]:
         """c* of `target.sign` with kl_p95 within TOLERANCE of target.kl: (c*, None), or (None, the reason).
 
-        Bracketing from 0 outward (the first sweep point at or over the budget, else doubling |c| up to
-        MAX_COEFF), then bisection, each step first trying the interpolation of log kl against log |c|.
+        Bracketing from |c| = 1, doubling up to MAX_COEFF, then bisection, each step first trying the
+        interpolation of log kl against log |c|. The steps do not depend on what `measured` holds (the sweep's
+        points are only reused), so a sweep and a merge calibrating on the same prompts find the same c*.
         Every measured point is added to `measured`.
         """
         budget, sign = target.kl, target.sign
@@ -655,32 +658,23 @@ class _Session:
         def kl(magnitude: float) -> float:
             c = sign * magnitude
             if c not in measured:
-                measured.update(self.measure([c], progress, f"calibrating {target}: c = {c:g}"))
+                measured.update(self.measure([c], progress, f"calibrating {target}: c = {c:g}", transient=True))
             return measured[c].kl_p95
 
         def close(magnitude: float) -> bool:
             return abs(kl(magnitude) - budget) <= TOLERANCE * budget
 
-        side = sorted(abs(c) for c in measured if c * sign > 0)
-        lo, hi = 0.0, None
-        for magnitude in side:
-            if close(magnitude):
-                return sign * magnitude, None
-            if kl(magnitude) >= budget:
-                hi = magnitude
-                break
-            lo = magnitude
+        lo, hi, magnitude = 0.0, None, 1.0
         while hi is None:
-            if lo >= MAX_COEFF:
-                return None, f"kl_p95 reaches only {kl(lo):.3g} nat at c = {sign * lo:g}"
-            magnitude = min(MAX_COEFF, 2 * lo) if lo else 1.0
             if close(magnitude):
                 return sign * magnitude, None
             if kl(magnitude) >= budget:
                 hi = magnitude
+            elif magnitude >= MAX_COEFF:
+                return None, f"kl_p95 reaches only {kl(magnitude):.3g} nat at c = {sign * magnitude:g}"
             else:
-                lo = magnitude
-        zero = measured[0.0].kl_p95 if 0.0 in measured else 0.0 if self.scheme.base_at_zero else kl(0.0)
+                lo, magnitude = magnitude, min(MAX_COEFF, 2 * magnitude)
+        zero = 0.0 if self.scheme.base_at_zero else kl(0.0)
         for _ in range(MAX_REFINEMENTS):
             guess = _next_guess(lo, zero if lo == 0 else kl(lo), hi, kl(hi), budget)
             if guess is None:
