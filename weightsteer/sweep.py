@@ -220,15 +220,16 @@ class SweepReport:
             f"Base `{self.base}`, scheme `{self.scheme}`; greedy rollouts of {self.tokens} tokens on {self.prompts} "
             f"prompts. KL(steered ‖ base) per generated position, in nats.",
             "",
-            "| coeff | kl_mean | kl_p50 | kl_p95 | kl_max | nll_base | distinct2 | margin |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| coeff | kl_mean | kl_p50 | kl_p95 | kl_max | nll_base | distinct2 |" + (" margin |" if self._has_margin else ""),
+            "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if self._has_margin else ""),
         ]
         for p in self.points:
             cells = [f"{p.coeff:g}" + (f" ({self._role(p.coeff)})" if self._role(p.coeff) else "")]
             cells += [f"{v:.3g}" for v in (p.kl_mean, p.kl_p50, p.kl_p95, p.kl_max, p.nll_base)]
-            cells += [_fmt(p.distinct2, ".2f").strip(), _fmt(p.margin, ".3g").strip()]
+            cells += [_fmt(p.distinct2, ".2f").strip()] + ([_fmt(p.margin, ".3g").strip()] if self._has_margin else [])
             lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", *(f"- {line}" for line in self._calibration_lines()), "", "![sweep](sweep.png)", ""]
+        calibration = [f"- {line}" for line in self._calibration_lines()]
+        lines += ["", *calibration, *([""] if calibration else []), "![sweep](sweep.png)", ""]
         for i, prompt in enumerate(self.prompt_texts):
             lines += [f"## Prompt {i + 1}: {_cell(prompt)}", "", "| coeff | kl_p95 | generation |", "|---:|---:|---|"]
             lines += [f"| {p.coeff:g} | {p.kl_p95:.3g} | {_cell(p.samples[i])} |" for p in self.points if i < len(p.samples)]
