@@ -1,14 +1,22 @@
 """Benchmark: weightsteer's streaming merge against the PEFT path it replaces, with I/O floors.
 
-One run measures, side by side on the same fixture and the same (warm) page cache:
-  copy      `cp -r` of the base checkpoint (the I/O floor)
-  rewrite   safetensors load_file + save_file of every shard, no math (the issue's floor)
-  weightsteer merge at coeff 0.5 (read / compute / write split), at each --layers size
-  peft      from_pretrained → PeftModel.from_pretrained → scale λ → merge_and_unload → save_pretrained
-Each measurement runs in its own process; peak RSS is that process's ru_maxrss.
+One run measures, side by side on the same fixture (built first if missing), each step in a fresh process:
+  copy       `cp -r` of the base checkpoint (the I/O floor)
+  rewrite    safetensors load_file + save_file of every shard, no math
+  weightsteer merge at coeff 0.5 (read / compute / write split), at each --layers size and --device
+  peft       from_pretrained → PeftModel.from_pretrained → scale λ → merge_and_unload → save_pretrained
+and prints the ratios to the floors. Each step is timed twice: inside its process (the work alone) and as the
+whole process from outside (interpreter start and imports included, as a user times a command). Peak RSS is
+that process's VmHWM. Optional modes:
+  --cold       also `cp -r` and weightsteer (first --device) with the page cache dropped before each run
+               (root: sync; echo 3 > /proc/sys/vm/drop_caches; otherwise the base files are evicted with
+               posix_fadvise(DONTNEED), which needs no privilege; the run prints which it did)
+  --coeffs K…  K outputs from one read (K coeffs), against the floor of one read plus K writes of the bytes
+  --cli        whole-process timings of `weightsteer --help`, `schemes`, an argument error and `merge`
 
-    python benchmarks/bench_merge.py                   # the issue's ~0.8B bf16 Llama shape, DeLoRA r=8
-    python benchmarks/bench_merge.py --shape 8b --device cuda --peft-device cuda   # on a GPU machine
+    python benchmarks/bench_merge.py                   # the ~0.8B bf16 Llama shape, DeLoRA r=8, CPU
+    python benchmarks/bench_merge.py --cold --coeffs 1 2 4 --cli
+    python benchmarks/bench_merge.py --shape 8b --layers 32 8 --device cuda cpu --peft-device cuda --cold --coeffs 1 2 4
 """
 
 from __future__ import annotations
@@ -16,9 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
+import resource
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -128,11 +140,30 @@ def run_rewrite(base: Path, out: Path, device: str) -> dict:
     return {}
 
 
-def run_weightsteer(base: Path, adapter: Path, out: Path, device: str) -> dict:
+def run_read_write(base: Path, out: Path, device: str, copies: str) -> dict:
+    """The floor for K outputs: read every shard once in large pieces, write each piece K times."""
+    outs = [out / f"k{k}" for k in range(int(copies))]
+    for folder in outs:
+        folder.mkdir(parents=True)
+    buffer = bytearray(64 << 20)
+    for shard in sorted(base.glob("*.safetensors")):
+        targets = [open(folder / shard.name, "wb", buffering=0) for folder in outs]
+        with open(shard, "rb", buffering=0) as source:
+            while n := source.readinto(buffer):
+                for target in targets:
+                    target.write(memoryview(buffer)[:n])
+        for target in targets:
+            target.close()
+    return {}
+
+
+def run_weightsteer(base: Path, adapter: Path, out: Path, device: str, copies: str = "1") -> dict:
     import weightsteer
 
-    (result,) = weightsteer.merge_many(adapter, {COEFF: out}, base=base, device=device)
-    return {"phases": result.seconds, "changed": len(result.changed_tensors)}
+    coeffs = [COEFF * (k + 1) for k in range(int(copies))]
+    out.mkdir()
+    results = weightsteer.merge_many(adapter, {c: out / f"c{c:g}" for c in coeffs}, base=base, device=device)
+    return {"phases": results[0].seconds, "changed": len(results[0].changed_tensors)}
 
 
 def run_peft(base: Path, adapter: Path, out: Path, device: str) -> dict:
@@ -149,16 +180,24 @@ def run_peft(base: Path, adapter: Path, out: Path, device: str) -> dict:
     return {}
 
 
-def measure(kind: str, *args: str) -> dict:
-    """Run one measurement in a fresh Python process; returns seconds and peak RSS."""
+def measure(kind: str, paths: list[str], rest: list[str]) -> dict:
+    """Run one measurement in a fresh Python process: seconds inside it, seconds of the whole process, peak RSS."""
     code = (
         "import json, sys, time; from pathlib import Path; sys.path.insert(0, %r); import bench_merge as b; "
-        "t = time.perf_counter(); extra = b.run_%s(*[Path(a) for a in sys.argv[1:-1]], sys.argv[-1]); "
-        "print(json.dumps({'seconds': time.perf_counter() - t, "
-        "'peak_rss_mb': b.peak_rss_mb(), **extra}))"
+        "t = time.perf_counter(); paths, rest = json.loads(sys.argv[1]); extra = b.run_%s(*map(Path, paths), *rest); "
+        "print(json.dumps({'seconds': time.perf_counter() - t, 'peak_rss_mb': b.peak_rss_mb(), 'cpu_seconds': b.cpu_seconds(), **extra}))"
     ) % (str(Path(__file__).parent), kind)
-    done = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code, json.dumps([paths, rest])], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{kind} failed: {done.stderr.strip()[-2000:]}")
+    return {"process_seconds": time.perf_counter() - start, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its children, user + system (a load-independent figure on a shared machine)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def peak_rss_mb() -> float:
@@ -176,6 +215,23 @@ def warm_cache(folder: Path) -> None:
                 pass
 
 
+def drop_cache(folder: Path) -> str:
+    """Empty the page cache of the checkpoint's files; says how."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches"
+    except OSError:
+        pass
+    for f in folder.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return "posix_fadvise(DONTNEED) on the base files (not root: drop_caches skipped)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="0.8b")
@@ -185,48 +241,113 @@ def main() -> None:
     parser.add_argument("--peft-device", default="cpu")
     parser.add_argument("--shard-gb", type=float, default=1.0)
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--cold", action="store_true", help="also measure cp -r and weightsteer on a dropped page cache")
+    parser.add_argument("--coeffs", type=int, nargs="+", metavar="K", help="K outputs from one read, on the last --layers fixture")
+    parser.add_argument("--cli", action="store_true", help="whole-process timings of the command line")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
     full_layers = SHAPES[args.shape][1]
     layer_counts = args.layers or [full_layers, full_layers // 2]
     args.workdir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     fixtures = {n: make_fixture(args.workdir, args.shape, n, int(args.shard_gb * 2**30)) for n in layer_counts}
     base, adapter = fixtures[layer_counts[0]]
     size_gb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
-    results = {}
+    print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, {_gpu_name()}; {time.strftime('%Y-%m-%d')}")
+    print(f"fixture: {args.shape} shape, {layer_counts[0]} layers, {size_gb:.2f} GB bf16, DeLoRA r={RANK}, coeff {COEFF} "
+          f"(built or found in {time.perf_counter() - start:.0f} s)")
+    results: dict[str, dict] = {}
 
-    def timed(label, kind, *paths, device="cpu"):
+    def timed(label, kind, *paths, device="cpu", extra=(), cold=False):
         out = args.workdir / "out"
         shutil.rmtree(out, ignore_errors=True)
-        warm_cache(paths[0])
-        results[label] = measure(kind, *map(str, paths), str(out), device)
+        os.sync()
+        how = drop_cache(paths[0]) if cold else warm_cache(paths[0])
+        results[label] = measure(kind, [*map(str, paths), str(out)], [device, *extra])
         shutil.rmtree(out, ignore_errors=True)
-        print(f"{label:<24} {results[label]['seconds']:8.2f} s   peak RSS {results[label]['peak_rss_mb']:8.0f} MB", flush=True)
+        r = results[label]
+        print(f"{label:<34} {r['seconds']:8.2f} s  (process {r['process_seconds']:6.2f} s, CPU {r['cpu_seconds']:6.2f} s)   "
+              f"peak RSS {r['peak_rss_mb']:6.0f} MB"
+              + (f"   [{how}]" if cold else ""), flush=True)
 
-    print(f"fixture: {args.shape} shape, {layer_counts[0]} layers, {size_gb:.2f} GB bf16, DeLoRA r={RANK}, coeff {COEFF}")
     timed("copy (cp -r)", "copy", base)
     timed("rewrite (safetensors)", "rewrite", base)
     for device in args.device:
         for n in layer_counts:
-            timed(f"weightsteer {device} {n}L", "weightsteer", fixtures[n][0], fixtures[n][1], device=device)
+            timed(f"weightsteer {device} {n}L", "weightsteer", *fixtures[n], device=device)
     if not args.skip_peft:
-        timed(f"peft {args.peft_device}", "peft", base, adapter, device=args.peft_device)
+        try:
+            timed(f"peft {args.peft_device}", "peft", base, adapter, device=args.peft_device)
+        except RuntimeError as e:
+            print(f"peft: skipped ({str(e).splitlines()[-1]})")
+    if args.cold:
+        timed("copy (cp -r), cold", "copy", base, cold=True)
+        timed(f"weightsteer {args.device[0]}, cold", "weightsteer", base, adapter, device=args.device[0], cold=True)
+    k_base, k_adapter = fixtures[layer_counts[-1]]
+    for k in args.coeffs or ():
+        timed(f"read once + {k} writes, {layer_counts[-1]}L", "read_write", k_base, device="cpu", extra=(str(k),))
+        timed(f"weightsteer {args.device[0]} {k} coeffs, {layer_counts[-1]}L", "weightsteer", k_base, k_adapter,
+              device=args.device[0], extra=(str(k),))
+    cli = command_line_timings(k_base, k_adapter, args.workdir, args.device[0]) if args.cli else {}
+    print()
     for device in args.device:
         report(results, device, layer_counts, args.peft_device)
+    if args.cold:
+        cold = results[f"weightsteer {args.device[0]}, cold"]
+        print(f"cold: weightsteer {args.device[0]} / cold cp -r: {cold['seconds'] / results['copy (cp -r), cold']['seconds']:.2f}x "
+              f"(whole processes {cold['process_seconds'] / results['copy (cp -r), cold']['process_seconds']:.2f}x)")
+    for k in args.coeffs or ():
+        ours, floor = results[f"weightsteer {args.device[0]} {k} coeffs, {layer_counts[-1]}L"], results[f"read once + {k} writes, {layer_counts[-1]}L"]
+        print(f"K={k}: weightsteer / (one read + {k} writes): {ours['seconds'] / floor['seconds']:.2f}x "
+              f"({ours['seconds']:.2f} s vs {floor['seconds']:.2f} s; whole processes {ours['process_seconds'] / floor['process_seconds']:.2f}x)")
+    for label, seconds in cli.items():
+        print(f"{label:<40} {seconds:6.2f} s (whole process)")
     if args.json:
-        args.json.write_text(json.dumps({"shape": args.shape, "size_gb": size_gb, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"shape": args.shape, "size_gb": size_gb, "results": results, "cli": cli}, indent=2))
+
+
+def command_line_timings(base: Path, adapter: Path, workdir: Path, device: str) -> dict[str, float]:
+    """Whole processes as a user runs them (the `weightsteer` entry point is `weightsteer.cli:main`)."""
+    command = [sys.executable, "-c", "import sys; from weightsteer.cli import main; sys.argv[0] = 'weightsteer'; main()"]
+    out = workdir / "cli-out"
+    shutil.rmtree(out, ignore_errors=True)
+    runs = {
+        "weightsteer --help": ["--help"],
+        "weightsteer schemes (first, builds the cache)": ["schemes"],
+        "weightsteer schemes": ["schemes"],
+        "weightsteer merge (argument error)": ["merge", str(adapter)],
+        f"weightsteer merge --device {device} ({base.name})": ["merge", str(adapter), "--base", str(base), "-o", str(out),
+                                                              "--coeff", str(COEFF), "--device", device, "-q"],
+    }
+    timings = {}
+    for label, argv in runs.items():
+        warm_cache(base)
+        start = time.perf_counter()
+        done = subprocess.run(command + argv, capture_output=True, text=True)
+        timings[label] = time.perf_counter() - start
+        if done.returncode not in (0, 2) or (done.returncode == 2) != ("error" in label):
+            print(f"{label}: exit {done.returncode}: {done.stderr.strip()[-300:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    return timings
+
+
+def _gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 
 
 def report(results: dict, device: str, layer_counts: list[int], peft_device: str) -> None:
     ours = results[f"weightsteer {device} {layer_counts[0]}L"]
+    copy, rewrite = results["copy (cp -r)"], results["rewrite (safetensors)"]
     phases = ours["phases"]
     print(f"-- weightsteer on {device} --")
-    print(f"weightsteer phases: read {phases['read']:.2f} s, compute {phases['compute']:.2f} s, write/copy {phases['write']:.2f} s")
-    print(f"weightsteer / rewrite floor: {ours['seconds'] / results['rewrite (safetensors)']['seconds']:.2f}x time")
-    print(f"weightsteer / cp floor:      {ours['seconds'] / results['copy (cp -r)']['seconds']:.2f}x time")
+    print(f"weightsteer phases (busy, overlapping): read {phases['read']:.2f} s, compute {phases['compute']:.2f} s, write/copy {phases['write']:.2f} s")
+    print(f"weightsteer / rewrite floor: {ours['seconds'] / rewrite['seconds']:.2f}x time (whole processes {ours['process_seconds'] / rewrite['process_seconds']:.2f}x)")
+    print(f"weightsteer / cp floor:      {ours['seconds'] / copy['seconds']:.2f}x time (whole processes {ours['process_seconds'] / copy['process_seconds']:.2f}x)")
+    print(f"CPU seconds (whole processes): weightsteer {ours['cpu_seconds']:.2f}, rewrite {rewrite['cpu_seconds']:.2f}, cp {copy['cpu_seconds']:.2f}")
     peft = results.get(f"peft {peft_device}")
     if peft:
-        print(f"peft ({peft_device}) / weightsteer: {peft['seconds'] / ours['seconds']:.2f}x faster, "
+        print(f"peft ({peft_device}) / weightsteer: {peft['seconds'] / ours['seconds']:.2f}x faster "
+              f"(whole processes {peft['process_seconds'] / ours['process_seconds']:.2f}x), "
               f"RSS ratio weightsteer/peft {ours['peak_rss_mb'] / peft['peak_rss_mb']:.2f}")
     if len(layer_counts) > 1:
         rss = [results[f"weightsteer {device} {n}L"]["peak_rss_mb"] for n in layer_counts]

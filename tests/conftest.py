@@ -31,14 +31,109 @@ def tiny_config(arch: str):
         return tf.GemmaConfig(**common, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    if arch in TINY_MULTIMODAL or arch in TINY_MOE:
+        return (TINY_MULTIMODAL | TINY_MOE)[arch](tf)
+    return _tiny_model_config(arch, common)
+
+
+# Smaller still (hidden 32, one vision layer): the architecture × adapter table has many of these.
+_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+_MROPE = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}
+_QWEN_VL_TOKENS = dict(image_token_id=120, video_token_id=121, vision_start_token_id=122)
+TINY_MULTIMODAL = {
+    "qwen2_vl": lambda tf: tf.Qwen2VLConfig(
+        text_config=dict(**_TEXT, rope_parameters=_MROPE),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=2, spatial_merge_size=1, temporal_patch_size=1),
+        **_QWEN_VL_TOKENS,
+    ),
+    "qwen2_5_vl": lambda tf: tf.Qwen2_5_VLConfig(
+        text_config=dict(**_TEXT, rope_parameters=_MROPE),
+        vision_config=dict(depth=1, hidden_size=16, out_hidden_size=32, intermediate_size=32, num_heads=2, patch_size=2,
+                           spatial_merge_size=1, temporal_patch_size=1, window_size=4, fullatt_block_indexes=[0]),
+        **_QWEN_VL_TOKENS,
+    ),
+    "qwen3_vl": lambda tf: tf.Qwen3VLConfig(
+        text_config=dict(**_TEXT, head_dim=8, rope_parameters={**_MROPE, "mrope_interleaved": True}),
+        vision_config=dict(depth=1, hidden_size=16, out_hidden_size=32, intermediate_size=32, num_heads=2, patch_size=2,
+                           spatial_merge_size=1, temporal_patch_size=1, num_position_embeddings=16, deepstack_visual_indexes=[0]),
+        **_QWEN_VL_TOKENS,
+    ),
+    "gemma3": lambda tf: tf.Gemma3Config(
+        text_config=dict(**_TEXT, head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=2),
+        mm_tokens_per_image=4, image_token_index=120, boi_token_index=121, eoi_token_index=122,
+    ),
+    "llava": lambda tf: tf.LlavaConfig(
+        text_config=tf.LlamaConfig(**_TEXT),
+        vision_config=tf.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=2),
+        image_token_index=120,
+    ),
+    "mistral3": lambda tf: tf.Mistral3Config(
+        text_config=dict(model_type="mistral", **_TEXT, head_dim=8),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=8, patch_size=2, head_dim=8),
+        image_token_index=120, spatial_merge_size=1,
+    ),
+}
+_EXPERTS = dict(num_experts_per_tok=2)
+TINY_MOE = {
+    "mixtral": lambda tf: tf.MixtralConfig(**_TEXT, num_local_experts=4, **_EXPERTS),
+    "qwen2_moe": lambda tf: tf.Qwen2MoeConfig(**_TEXT, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32, **_EXPERTS),
+    "qwen3_moe": lambda tf: tf.Qwen3MoeConfig(**_TEXT, num_experts=4, moe_intermediate_size=32, head_dim=8, **_EXPERTS),
+    "gpt_oss": lambda tf: tf.GptOssConfig(**_TEXT, num_local_experts=4, head_dim=8, layer_types=["full_attention"] * 2, **_EXPERTS),
+    "deepseek_v3": lambda tf: tf.DeepseekV3Config(
+        **{**_TEXT, "num_key_value_heads": 4}, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1,
+        n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, **_EXPERTS,
+    ),
+}
+
+
+def _tiny_model_config(arch: str, common: dict):
+    """Architectures whose embeddings, heads or model class differ (tests/test_models.py, MODEL_CASES)."""
+    import transformers as tf
+
+    small = dict(vocab_size=128, num_attention_heads=4)
+    if arch in ("gpt_neox", "gpt_neox_tied"):  # head stored as embed_out
+        return tf.GPTNeoXConfig(**common, tie_word_embeddings=arch == "gpt_neox_tied")
+    if arch == "falcon":  # tied: transformer.word_embeddings
+        return tf.FalconConfig(**small, hidden_size=64, num_hidden_layers=2)
+    if arch == "opt":  # tied: model.decoder.embed_tokens
+        return tf.OPTConfig(**small, hidden_size=64, ffn_dim=128, num_hidden_layers=2, word_embed_proj_dim=64)
+    if arch == "t5":  # shared, tied to encoder/decoder embed_tokens and lm_head
+        return tf.T5Config(vocab_size=128, d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, decoder_start_token_id=0)
+    if arch == "bart":
+        return tf.BartConfig(
+            vocab_size=128, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+        )
+    if arch == "bert_cls":
+        return tf.BertConfig(**common, max_position_embeddings=64, architectures=["BertForSequenceClassification"])
+    if arch == "modernbert":
+        ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+        return tf.ModernBertConfig(**common, **ids, max_position_embeddings=64, architectures=["ModernBertForMaskedLM"])
     raise ValueError(arch)
 
 
-def build_base(arch: str, folder: Path, *, shard_size: str | None = None, dtype=torch.float32, seed: int = 0) -> Path:
-    from transformers import AutoModelForCausalLM
+SEQ2SEQ = ("t5", "bart")
 
+
+def auto_class(config):
+    """The transformers class for a config: its `architectures` entry, seq2seq for T5/BART, else a causal LM."""
+    import transformers as tf
+
+    names = getattr(config, "architectures", None) or []
+    if names and hasattr(tf, names[0]):
+        return getattr(tf, names[0])
+    if hasattr(config, "vision_config"):
+        return tf.AutoModelForImageTextToText
+    return tf.AutoModelForSeq2SeqLM if config.model_type in SEQ2SEQ else tf.AutoModelForCausalLM
+
+
+def build_base(arch: str, folder: Path, *, shard_size: str | None = None, dtype=torch.float32, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch)).to(dtype)
+    config = tiny_config(arch)
+    cls = auto_class(config)
+    model = (cls.from_config if hasattr(cls, "from_config") else cls._from_config)(config).to(dtype)
     with torch.no_grad():  # random biases, so bias handling is tested for real
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
@@ -70,9 +165,11 @@ def _variant(arch: str) -> dict:
 
 
 def load_base(path: Path):
-    from transformers import AutoModelForCausalLM
+    """The class config.json names (a VLM loads as its ...ForConditionalGeneration)."""
+    import transformers
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    architecture = json.loads((Path(path) / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, architecture).from_pretrained(path, dtype=torch.float32)
 
 
 def perturb(model, scale: float = 0.1, seed: int = 1, around_one: tuple[str, ...] = ()) -> None:
@@ -107,12 +204,18 @@ def runtime_logits(base: Path, adapter: Path, coeff: float, scheme: str | None =
 
     model = PeftModel.from_pretrained(load_base(base), adapter).eval()
     with torch.no_grad(), weightsteer.scaled(model, coeff, scheme=scheme):
-        return model(TOKENS).logits
+        return forward_logits(model)
+
+
+def forward_logits(model) -> torch.Tensor:
+    """Logits on TOKENS (seq2seq models: decoding TOKENS' first tokens as well)."""
+    decoder = {"decoder_input_ids": TOKENS[:, :6]} if model.config.is_encoder_decoder else {}
+    return model(input_ids=TOKENS, **decoder).logits
 
 
 def model_logits(path: Path) -> torch.Tensor:
     with torch.no_grad():
-        return load_base(path).eval()(TOKENS).logits
+        return forward_logits(load_base(path).eval())
 
 
 def assert_matches_runtime(base: Path, adapter: Path, out_root: Path, coeffs, scheme: str | None = None, atol: float = ATOL) -> dict:
@@ -133,7 +236,10 @@ def assert_matches_runtime(base: Path, adapter: Path, out_root: Path, coeffs, sc
 
 
 def assert_base_identical(base: Path, out: Path) -> None:
-    """Every tensor of out equals the base's bit for bit (and none is missing)."""
+    """Every tensor of out equals the base's bit for bit (and none is missing), in the base's weight files,
+    with the base's config.json byte for byte (no untied head, no patched flag)."""
+    assert sorted(f.name for f in out.glob("*.safetensors*")) == sorted(f.name for f in base.glob("*.safetensors*"))
+    assert (out / "config.json").read_bytes() == (base / "config.json").read_bytes()
     ours = {}
     for f in sorted(out.glob("*.safetensors")):
         ours.update(load_file(f))

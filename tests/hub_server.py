@@ -50,6 +50,7 @@ class HubServer:
         self.repos: dict[str, Repo] = {}
         self.requests: list[str] = []  # "METHOD /path" of every request, in order
         self.fail_commits = 0  # answer this many coming commit requests with 500
+        self.echo_headers = False  # error replies quote the request's headers (Authorization too), as some servers do
         self.lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.hub = self
@@ -147,9 +148,14 @@ class _Handler(BaseHTTPRequestHandler):
                     with self.hub.lock:
                         status, payload, headers = getattr(self, name)(body, **params)
                 except HttpError as e:
-                    status, payload, headers = e.status, {"error": str(e)}, {"X-Error-Code": e.code} if e.code else {}
+                    status, payload, headers = e.status, {"error": self._error_text(str(e))}, {"X-Error-Code": e.code} if e.code else {}
                 return self._send(status, payload, headers, head=method == "HEAD")
-        self._send(404, {"error": f"no route for {method} {url.path}"}, {})
+        self._send(404, {"error": self._error_text(f"no route for {method} {url.path}")}, {})
+
+    def _error_text(self, message: str) -> str:
+        if not self.hub.echo_headers:
+            return message
+        return f"{message}; request headers: {dict(self.headers.items())}"
 
     def _body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

@@ -71,11 +71,15 @@ def test_existing_output_is_refused_unless_overwrite(lora, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(weightsteer.OutputError, match="--overwrite"):
+    with pytest.raises(weightsteer.OutputError, match="overwrite=True"):
         weightsteer.merge(lora, out)
+    with pytest.raises(weightsteer.OutputError, match="not a weightsteer output"):
+        weightsteer.merge(lora, out, overwrite=True)  # not a folder weightsteer wrote: never deleted
     assert (out / "keep.txt").read_text() == "mine"
-    weightsteer.merge(lora, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    (out / "keep.txt").unlink()
+    weightsteer.merge(lora, out, overwrite=True)  # empty: replaced
+    weightsteer.merge(lora, out, coeff=0.5, overwrite=True)  # written by weightsteer: replaced
+    assert json.loads((out / "weightsteer.json").read_text())["coeff"] == 0.5
     assert _no_leftovers(tmp_path)
 
 

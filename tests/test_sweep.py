@@ -21,7 +21,8 @@ from click.testing import CliRunner
 import weightsteer
 from weightsteer.cli import main
 from weightsteer.errors import SweepError
-from weightsteer.sweep import KLTarget, default_prompts, parse_coeff, read_pairs, read_prompts
+from weightsteer.calibration import KLTarget, parse_coeff
+from weightsteer.sweep import default_prompts, read_pairs, read_prompts
 
 COMPAT = Path(os.environ.get("WEIGHTSTEER_COMPAT_DIR") or Path.home() / ".cache" / "weightsteer-compat")
 BASE = COMPAT / "smollm2" / "base"
@@ -241,3 +242,10 @@ def test_prompt_and_pair_files(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "positive": "b", "negative": "c"}\n{"prompt": "a"}\n')
     with pytest.raises(SweepError, match=r"bad.jsonl, line 2: needs string field\(s\) 'positive', 'negative'"):
         read_pairs(tmp_path / "bad.jsonl")
+
+
+def test_merge_at_a_kl_budget_refuses_an_existing_output_before_calibrating(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["merge", str(tmp_path / "no-adapter"), "--coeff", "kl:1", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "exists already; pass --overwrite" in result.output

@@ -160,11 +160,11 @@ def test_cli_json_prompts_file_and_atol(merged, tmp_path):
 
 
 def test_without_provenance_needs_adapter_and_coeff(merged, tmp_path):
-    provenance = json.loads((merged / "weightsteer.json").read_text())
+    local_paths = json.loads((merged / ".weightsteer-local.json").read_text())
     (merged / "weightsteer.json").unlink()
     with pytest.raises(weightsteer.VerificationError, match="pass them"):
         weightsteer.verify(merged)
-    assert weightsteer.verify(merged, provenance["adapter"], 0.5).ok
+    assert weightsteer.verify(merged, local_paths["adapter"], 0.5).ok
 
 
 def test_merge_verify_writes_cards_with_siblings(bases, tmp_path):

@@ -59,16 +59,35 @@ def _license_from_text(text: str) -> str | None:
 def record_verification(folder: Path, verification: Mapping, **card_options) -> None:
     """Store a verification summary (`VerifyReport.to_dict()`, or NOT_VERIFIED) in weightsteer.json and
     rewrite the card. card_options go to `write_card`."""
-    record(folder, "verification", verification, **card_options)
+    _record(folder, "verification", _without_local_paths(verification), **card_options)
 
 
-def record(folder: Path, key: str, value: Mapping, **card_options) -> None:
-    """Store `value` under `key` in folder/weightsteer.json and rewrite the card (card_options go to `write_card`)."""
+def record_calibration(folder: Path, calibration: Mapping) -> None:
+    """Store how a kl:K coeff was found (`weightsteer.sweep.Calibration.to_dict()`) in weightsteer.json and
+    rewrite the card, which then states it."""
+    _record(folder, "calibration", dict(calibration))
+
+
+def _record(folder: Path, key: str, value: dict, **card_options) -> None:
     path = folder / PROVENANCE_NAME
     provenance = json.loads(path.read_text())
-    provenance[key] = dict(value)
+    provenance[key] = value
     path.write_text(json.dumps(provenance, indent=2) + "\n")
     write_card(folder, **card_options)
+
+
+def _without_local_paths(verification: Mapping) -> dict:
+    """The summary as published: local folders by name (or Hub id), not by this machine's paths."""
+    from .resolve import published_reference
+
+    def shown(ref: object) -> object:
+        return published_reference(ref, Path(ref))[0] if isinstance(ref, str) and Path(ref).exists() else ref
+
+    summary = {key: shown(value) if key in ("merged", "adapter", "base") else value for key, value in verification.items()}
+    if summary.get("terms"):  # a composition's adapter is its terms' joined by " + "
+        summary["terms"] = [dict(t) | {"adapter": shown(t.get("adapter"))} for t in summary["terms"]]
+        summary["adapter"] = " + ".join(str(t["adapter"]) for t in summary["terms"])
+    return summary
 
 
 def write_card(
@@ -76,12 +95,13 @@ def write_card(
     *,
     title: str | None = None,
     repo_id: str | None = None,
-    sibling_links: Mapping[float, str] | None = None,
+    sibling_links: Mapping[float | str, str] | None = None,
 ) -> None:
     """Write folder/README.md from folder/weightsteer.json.
 
     title defaults to repo_id or the folder's name; repo_id (when pushing) goes into the load snippets;
-    sibling_links maps the coeffs of checkpoints merged alongside this one to their URLs.
+    sibling_links maps the coeffs (compositions: the folder names) of checkpoints merged alongside this one to
+    their URLs.
     """
     provenance = json.loads((folder / PROVENANCE_NAME).read_text())
     reference = repo_id or "path/to/this/folder"
@@ -96,52 +116,92 @@ def write_card(
 
 
 def _metadata(provenance: dict) -> ModelCardData:
-    on_hub = provenance.get("base_revision") is not None  # the merge read the base from the Hub
+    # Read from the Hub (cache) or given as base_id; records of weightsteer 0.1 marked Hub bases by a revision.
+    base_id = provenance.get("base_model_id", provenance["base_model"] if provenance.get("base_revision") else None)
+    types = dict.fromkeys(t["adapter_type"].lower() for t in _terms(provenance))
     return ModelCardData(
-        base_model=provenance["base_model"] if on_hub else None,
-        base_model_relation="finetune" if on_hub else None,
+        base_model=base_id,
+        base_model_relation="finetune" if base_id else None,
         library_name="transformers",
         license=provenance.get("base_license"),
-        tags=["weightsteer", "steering", "merged-adapter", provenance["adapter_type"].lower()],
+        tags=["weightsteer", "steering", "merged-adapter", *types],
     )
 
 
+def _terms(provenance: dict) -> list[dict]:
+    """Every adapter baked in; records written before compositions hold one, at the top level."""
+    if provenance.get("terms"):
+        return provenance["terms"]
+    keys = ("adapter", "adapter_revision", "adapter_type", "coeff", "scheme")
+    return [{k: provenance.get(k) for k in keys}]
+
+
 def _introduction(provenance: dict, title: str) -> str:
-    scheme = provenance["scheme"]
     result = provenance["result"]
     rounding = result["rounding"]
-    adapter = _reference(provenance["adapter"], provenance.get("adapter_revision"))
+    terms = _terms(provenance)
     base = _reference(provenance["base_model"], provenance.get("base_revision"))
+    if len(terms) == 1:
+        term = terms[0]
+        adapter = _reference(term["adapter"], term.get("adapter_revision"))
+        what = f"the {term['adapter_type']} adapter {adapter} baked into its weights at\ncoeff **{term['coeff']:g}**"
+        rows = [
+            ("adapter", adapter),
+            ("adapter type", term["adapter_type"]),
+            ("coeff", f"{term['coeff']:g}"),
+            ("scheme", f"`{term['scheme']['name']}`: {term['scheme']['formula']}"),
+        ]
+    else:
+        what = f"{len(terms)} adapters baked into its weights, each at its own coeff,"
+        rows = [("adapters", _terms_table(terms)), ("composition", _COMPOSE_TEXT[provenance.get("compose", "chain")])]
+    rows = [("base model", base), *rows, ("weightsteer", provenance["weightsteer_version"])]
+    rows += [
+        ("tensors changed", str(len(result["changed_tensors"]))),
+        (
+            "rounding",
+            f"{rounding['swallowed_share']:.1%} of changed elements rounded back to the base value; "
+            f"relative error of the change {rounding['relative_error']:.2%}",
+        ),
+    ]
+    if calibration := provenance.get("calibration"):
+        rows.append(("calibration", _calibration_text(calibration)))
+    if dropped := result.get("dropped_files"):
+        files = ", ".join(f"`{n}`" for n in dropped)
+        rows.append(("not copied from the base", f"{files}: weights in other formats or copies, which this merge did not rewrite"))
+    table = "| | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
     return f"""
 # {title}
 
-{base} with the {provenance["adapter_type"]} adapter {adapter} baked into its weights at
-coeff **{provenance["coeff"]:g}** by [weightsteer]({WEIGHTSTEER_URL}). It loads and runs like the base model: no PEFT,
+{base} with {what} by [weightsteer]({WEIGHTSTEER_URL}). It loads and runs like the base model: no PEFT,
 no extra compute.
 
-| | |
-|---|---|
-| base model | {base} |
-| adapter | {adapter} |
-| adapter type | {provenance["adapter_type"]} |
-| coeff | {provenance["coeff"]:g} |
-| scheme | `{scheme["name"]}`: {scheme["formula"]} |
-| weightsteer | {provenance["weightsteer_version"]} |
-| tensors changed | {len(result["changed_tensors"])} |{_calibration_row(provenance.get("calibration"))}
-| rounding | {rounding["swallowed_share"]:.1%} of changed elements rounded back to the base value; \
-relative error of the change {rounding["relative_error"]:.2%} |
+{table}
 """
 
 
-def _calibration_row(calibration: dict | None) -> str:
-    """The table row that says how a kl:K coeff was found (empty without a calibration)."""
-    if not calibration:
-        return ""
+def _calibration_text(calibration: dict) -> str:
+    """How a kl:K coeff was found, e.g. "coeff 0.709, calibrated to p95 KL 1.0 nat on 16 prompts (...)"."""
     point = calibration["point"]
     return (
-        f"\n| calibration | coeff {calibration['coeff']:g}, calibrated to p95 KL {float(calibration['target_kl'])} nat on "
+        f"coeff {calibration['coeff']:g}, calibrated to p95 KL {float(calibration['target_kl'])} nat on "
         f"{calibration['prompts']} prompts ({calibration['tokens']} greedy tokens each; measured p95 KL "
-        f"{point['kl_p95']:.3g}, mean {point['kl_mean']:.3g}) by `weightsteer sweep` |"
+        f"{point['kl_p95']:.3g}, mean {point['kl_mean']:.3g}) by `weightsteer sweep`"
+    )
+
+
+_COMPOSE_TEXT = {
+    "chain": "in the listed order: consecutive adapters of one family add up as PEFT runs them together; "
+    "another family applies to the result",
+    "sum": "W + Σ (Wᵢ − W): every change computed against the base weight",
+}
+
+
+def _terms_table(terms: list[dict]) -> str:
+    """The terms as one table cell (Markdown tables have no nested tables)."""
+    return "<br>".join(
+        f"{i}. {_reference(t['adapter'], t.get('adapter_revision'))} ({t['adapter_type']}) at coeff **{t['coeff']:g}**, "
+        f"scheme `{t['scheme']['name']}`: {t['scheme']['formula']}"
+        for i, t in enumerate(terms, 1)
     )
 
 
@@ -149,13 +209,23 @@ def _reference(ref: str, revision: str | None) -> str:
     return f"`{ref}`" + (f" (revision `{revision}`)" if revision else "")
 
 
-def _siblings(provenance: dict, links: Mapping[float, str]) -> str:
+def _siblings(provenance: dict, links: Mapping[float | str, str]) -> str:
     siblings = provenance.get("siblings") or []
     if not siblings:
         return ""
-    names = {s["coeff"]: s["name"] for s in siblings}
-    items = [f"- coeff {c:g}: " + (f"[{n}]({links[c]})" if c in links else f"`{n}`") for c, n in sorted(names.items())]
-    return "## Other strengths\n\nMerged from the same adapter in the same run:\n\n" + "\n".join(items) + "\n"
+    items = []
+    for sibling in sorted(siblings, key=lambda s: (s["coeff"] is None, s["coeff"] or 0, s["name"])):
+        coeff = sibling["coeff"]
+        label = f"coeff {coeff:g}" if coeff is not None else _sibling_terms(sibling)
+        link = links.get(coeff) if coeff is not None else links.get(sibling["name"])
+        items.append(f"- {label}: " + (f"[{sibling['name']}]({link})" if link else f"`{sibling['name']}`"))
+    if all(s["coeff"] is not None for s in siblings):
+        return "## Other strengths\n\nMerged from the same adapter in the same run:\n\n" + "\n".join(items) + "\n"
+    return "## Other outputs\n\nMerged from the same base in the same run:\n\n" + "\n".join(items) + "\n"
+
+
+def _sibling_terms(sibling: dict) -> str:
+    return " + ".join(f"{t['adapter']}@{t['coeff']:g}" for t in sibling.get("terms", []))
 
 
 def _verification(summary: dict | None) -> str:
@@ -169,7 +239,7 @@ def _verification(summary: dict | None) -> str:
     rows = [
         ("result", "**passed**" if summary["ok"] else "**FAILED**"),
         (
-            f"adapted tensors at coeff {summary['coeff']:g}: PEFT's forward on random probes (or the stored tensor) vs merged",
+            f"adapted tensors at {_at(summary)}: PEFT's forward on random probes (or the stored tensor) vs merged",
             f"{len(modules)} checked"
             + (f"; worst `{worst['tensor']}` at {worst['ratio']:.3g}× its tolerance" if worst else ""),
         ),
@@ -196,6 +266,13 @@ def _verification(summary: dict | None) -> str:
         f"Worst tensors (error / tolerance above 1 fails):\n\n"
         f"| tensor | kind | max abs error | max rel error | error / tolerance |\n|---|---|---|---|---|\n{details}\n"
     )
+
+
+def _at(summary: dict) -> str:
+    """"coeff c", or every term's coeff for a composition."""
+    if summary.get("coeff") is not None:
+        return f"coeff {summary['coeff']:g}"
+    return "coeffs " + ", ".join(f"{t['coeff']:g}" for t in summary.get("terms", []))
 
 
 def _loading(reference: str, repo_id: str | None) -> str:

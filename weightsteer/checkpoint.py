@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,43 +61,135 @@ def dtype_itemsize(code: str) -> int:
     return torch.empty((), dtype=DTYPES[code]).element_size()
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses longer headers too
+
+
 def read_header(path: Path) -> tuple[dict[str, str], list[TensorInfo]]:
-    """Parse a safetensors header: (metadata, tensors in file order)."""
+    """Parse and check a safetensors header: (metadata, tensors in file order)."""
     try:
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise BaseModelError(f"{path}: not a safetensors file (only {len(prefix)} bytes).")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > min(size - 8, MAX_HEADER_BYTES):
+                raise BaseModelError(
+                    f"{path}: the header claims {length} bytes but the file has {size}; it is truncated or not safetensors."
+                )
             header = json.loads(f.read(length))
-    except (OSError, struct.error, ValueError) as e:
-        raise BaseModelError(f"{path}: not a readable safetensors file ({e}).") from e
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + length
-    tensors = []
-    for name, entry in header.items():
-        if entry["dtype"] not in DTYPES:
-            raise BaseModelError(
-                f"{path}: tensor {name!r} has dtype {entry['dtype']}, which weightsteer does not read."
-            )
-        begin, end = entry["data_offsets"]
-        tensors.append(
-            TensorInfo(name, entry["dtype"], tuple(entry["shape"]), path, data_start + begin, end - begin)
-        )
+    except (OSError, ValueError, RecursionError) as e:
+        raise BaseModelError(f"{path}: not a readable safetensors file ({e}).") from None
+    if not isinstance(header, dict):
+        raise BaseModelError(f"{path}: the safetensors header is a JSON {json_kind(header)}, not an object.")
+    metadata = _checked_metadata(path, header.pop("__metadata__", None))
+    data_start, data_size = 8 + length, size - 8 - length
+    tensors = [_tensor_info(path, name, entry, data_start, data_size) for name, entry in header.items()]
     tensors.sort(key=lambda t: t.start)
     return metadata, tensors
 
 
-def read_tensor(info: TensorInfo, into: torch.Tensor | None = None) -> torch.Tensor:
+def _checked_metadata(path: Path, metadata: object) -> dict[str, str]:
+    """safetensors metadata must map strings to strings: the library refuses to load anything else."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise BaseModelError(f"{path}: __metadata__ is a JSON {json_kind(metadata)}, not a string → string map.")
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise BaseModelError(
+                f"{path}: __metadata__[{key!r}] is {json.dumps(value)}, not a string; safetensors cannot load such a "
+                "file. Re-save the checkpoint with string metadata."
+            )
+    return metadata
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
+    def bad(what: str) -> BaseModelError:
+        return BaseModelError(f"{path}: tensor {name!r} {what}; the file is corrupt or not safetensors.")
+
+    if not isinstance(entry, dict):
+        raise bad(f"has a header entry {json.dumps(entry)[:40]} instead of an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise bad(f"has dtype {json.dumps(dtype)}")
+    if dtype not in DTYPES:
+        raise BaseModelError(f"{path}: tensor {name!r} has dtype {dtype}, which weightsteer does not read.")
+    if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+        raise bad(f"has shape {json.dumps(shape)}, not a list of sizes")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(o) for o in offsets):
+        raise bad(f"has data_offsets {json.dumps(offsets)}, not [begin, end]")
+    begin, end = offsets
+    if not begin <= end <= data_size:
+        raise bad(f"has data_offsets {offsets} outside the {data_size} data bytes")
+    if end - begin != _numel(tuple(shape)) * dtype_itemsize(dtype):
+        raise bad(f"has {end - begin} data bytes for shape {shape} in {dtype}")
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+
+
+def json_kind(value: object) -> str:
+    """What a parsed JSON value is, in JSON's words."""
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _natural(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def link_roots(root: Path) -> tuple[Path, ...]:
+    """Where the files of a model folder may really live: inside it or, for a Hub-cache snapshot
+    (…/models--org--name/snapshots/<rev>, whose files are links into …/blobs), in that repository's cache folder."""
+    real = Path(os.path.realpath(root))
+    if real.parent.name == "snapshots" and "--" in real.parent.parent.name:
+        return (real.parent.parent,)
+    return (real,)
+
+
+def contained_file(root: Path, path: Path) -> Path:
+    """The real path of a file of the model folder `root`; links may not leave it (see `link_roots`)."""
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise BaseModelError(f"{path} is a broken link ({e}); fix or remove it.") from None
+    if not any(real == r or r in real.parents for r in link_roots(root)):
+        raise BaseModelError(
+            f"{path} links to {real}, outside the model folder {root}. weightsteer follows links only within the "
+            "model's own folder (or its Hub-cache repository), so that no outside file is copied or published; "
+            "copy the file in or remove the link."
+        )
+    return real
+
+
+READ_CHUNK = 16 << 20  # bytes per read request of a large tensor
+
+
+def read_tensor(info: TensorInfo, into: torch.Tensor | None = None, pool: Executor | None = None) -> torch.Tensor:
     """Read one tensor from disk into fresh CPU memory (no mmap kept alive), or into the start of `into`,
-    a reusable uint8 buffer (e.g. page-locked, for fast copies to a GPU); the result then aliases it."""
+    a reusable uint8 buffer (e.g. page-locked, for fast copies to a GPU); the result then aliases it.
+    With a thread pool, a large tensor is read as READ_CHUNK pieces, several in flight at once."""
     buffer = torch.empty(info.nbytes, dtype=torch.uint8) if into is None else into[: info.nbytes]
     view = memoryview(buffer.numpy())
+    pieces = [(offset, min(READ_CHUNK, info.nbytes - offset)) for offset in range(0, info.nbytes, READ_CHUNK)]
     with open(info.file, "rb", buffering=0) as f:
-        done = 0
-        while done < info.nbytes:
-            n = os.preadv(f.fileno(), [view[done:]], info.start + done)
-            if n == 0:
-                raise BaseModelError(f"{info.file}: file ends inside tensor {info.name!r}; it is truncated.")
-            done += n
+        if pool is None or len(pieces) < 2:
+            for offset, length in pieces:
+                _read_exactly(f.fileno(), info, view, offset, length)
+        else:
+            for done in [pool.submit(_read_exactly, f.fileno(), info, view, offset, length) for offset, length in pieces]:
+                done.result()
     return buffer.view(info.torch_dtype).reshape(info.shape)
+
+
+def _read_exactly(fd: int, info: TensorInfo, view: memoryview, offset: int, length: int) -> None:
+    """Fill view[offset : offset + length] from the tensor's bytes at that offset."""
+    done = 0
+    while done < length:
+        n = os.preadv(fd, [view[offset + done : offset + length]], info.start + offset + done)
+        if n == 0:
+            raise BaseModelError(f"{info.file}: file ends inside tensor {info.name!r}; it is truncated.")
+        done += n
 
 
 class Checkpoint:
@@ -123,29 +216,53 @@ class Checkpoint:
 
     def _read_config(self) -> dict:
         path = self.root / "config.json"
+        if os.path.lexists(path):
+            contained_file(self.root, path)
         if not path.is_file():
             raise BaseModelError(f"{self.root} has no config.json; is it a transformers model folder?")
-        try:
-            return json.loads(path.read_text())
-        except ValueError as e:
-            raise BaseModelError(f"{path} is not valid JSON: {e}") from e
+        config = _read_json(path, BaseModelError)
+        if not isinstance(config, dict):
+            raise BaseModelError(f"{path} holds a JSON {json_kind(config)}, not an object; it is not a model config.")
+        return config
 
     @property
     def index_path(self) -> Path | None:
-        path = self.root / INDEX_NAME
-        return path if path.is_file() else None
+        """The shard index the weights are read through, if transformers would read one (see _shard_names)."""
+        return self._index_path
 
     def _shard_names(self) -> list[str]:
-        if self.index_path:
-            self.index = json.loads(self.index_path.read_text())
+        """The weight files, chosen as transformers' from_pretrained chooses them (modeling_utils.
+        _get_resolved_checkpoint_files): config.json `transformers_weights` if set, else model.safetensors,
+        else model.safetensors.index.json. A leftover model.safetensors beside an index wins, as it does there.
+        Every file read is checked to lie in the model folder (links too, see `contained_file`)."""
+        self.index, self._index_path = None, None
+        explicit = self.config.get("transformers_weights")
+        if explicit is not None and not (
+            isinstance(explicit, str)
+            and explicit.endswith((".safetensors", ".safetensors.index.json"))
+            and not Path(explicit).is_absolute()
+            and ".." not in Path(explicit).parts
+        ):
+            raise BaseModelError(
+                f"{self.root}/config.json names transformers_weights {explicit!r}; weightsteer reads safetensors files "
+                "inside the model folder only."
+            )
+        single, index = self.root / "model.safetensors", self.root / INDEX_NAME
+        if explicit is not None:
+            single, index = (self.root / explicit, None) if explicit.endswith(".safetensors") else (None, self.root / explicit)
+        if single is not None and single.is_file():
+            contained_file(self.root, single)
+            return [str(single.relative_to(self.root))]
+        if index is not None and index.is_file():
+            self._index_path = index
+            self.index = _read_index(self.root, index)
             names = list(dict.fromkeys(self.index["weight_map"].values()))
             missing = [n for n in names if not (self.root / n).is_file()]
             if missing:
-                raise BaseModelError(f"{self.index_path} names shards that are missing: {', '.join(missing)}.")
+                raise BaseModelError(f"{index} names shards that are missing: {', '.join(missing)}.")
+            for name in names:
+                contained_file(self.root, self.root / name)
             return names
-        self.index = None
-        if (self.root / "model.safetensors").is_file():
-            return ["model.safetensors"]
         others = sorted(p.name for p in self.root.iterdir() if p.suffix in WEIGHT_FORMATS_REFUSED)
         if others:
             raise BaseModelError(
@@ -167,14 +284,37 @@ class Checkpoint:
         if absent:
             raise BaseModelError(f"{self.index_path} lists tensors no shard holds, e.g. {sorted(absent)[0]!r}.")
 
-    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
-        return read_tensor(self.tensors[name], into)
+    def read(self, name: str, into: torch.Tensor | None = None, pool: Executor | None = None) -> torch.Tensor:
+        return read_tensor(self.tensors[name], into, pool)
 
     def weight_files(self) -> set[str]:
+        """The files the weights are read from (relative to root): the shards, and the index if there is one."""
         names = set(self.shard_names)
         if self.index_path:
-            names.add(INDEX_NAME)
+            names.add(self.index_path.name)
         return names
+
+
+def _read_json(path: Path, error: type[Exception]) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise error(f"{path} is not readable JSON: {e}") from None
+
+
+def _read_index(root: Path, path: Path) -> dict:
+    """A shard index: {"weight_map": {tensor: shard file in the folder}, "metadata": {...}}."""
+    contained_file(root, path)
+    index = _read_json(path, BaseModelError)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise BaseModelError(f"{path} has no weight_map of tensor names to shard files; it is not a safetensors index.")
+    if not isinstance(index.get("metadata", {}), dict):
+        raise BaseModelError(f"{path}: its metadata is not an object.")
+    for shard in set(weight_map.values()):
+        if Path(shard).is_absolute() or ".." in Path(shard).parts or not shard.endswith(".safetensors"):
+            raise BaseModelError(f"{path} names the shard {shard!r}; shards must be .safetensors files inside the model folder.")
+    return index
 
 
 class ShardWriter:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 from pathlib import Path
@@ -19,15 +21,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import DTYPES, ShardWriter
+from .checkpoint import DTYPES, ShardWriter, TensorInfo
 from .errors import AdapterError
-from .planner import MergePlan, OutputTensor
+from .outputs import fault_point
+from .planner import Composition, Edit, MergePlan, NewTensor, OutputTensor
 
 
 class StreamTarget(Protocol):
     """What the engine fills in for one output (a MergeResult)."""
 
-    coeff: float
     changed_tensors: list[str]
     rounding: "RoundingReport"
     seconds: dict[str, float]
@@ -48,10 +50,23 @@ class RoundingReport:
     swallowed: float = 0  # of those, elements that rounded back to the base value
     change_norm_sq: float = 0.0  # ‖W' − W‖² in fp32
     error_norm_sq: float = 0.0  # ‖round(W') − W'‖² over changed tensors
+    overflowed: float = 0  # elements finite in fp32 that became ±inf in the output dtype (exact count)
+    overflow_tensor: str | None = None  # the first tensor that overflowed, and its largest |value| in fp32
+    overflow_peak: float = 0.0
+
+    def add_overflow(self, name: str, count: int, peak: float) -> None:
+        if self.overflow_tensor is None:
+            self.overflow_tensor = name
+        if name == self.overflow_tensor:  # its row blocks may come one by one
+            self.overflow_peak = max(self.overflow_peak, peak)
+        self.overflowed += count
 
     def add(self, base: torch.Tensor, target: torch.Tensor, rounded: torch.Tensor, base_rounded: torch.Tensor) -> None:
-        step = max(1, target.numel() // SAMPLE_ELEMENTS) if target.dim() > 1 else 1
-        base, target, rounded, base_rounded = (t[::step] for t in (base, target, rounded, base_rounded))
+        step = sample_step(target)
+        self.add_sample(step, *(t[::step] for t in (base, target, rounded, base_rounded)))
+
+    def add_sample(self, step: int, base: torch.Tensor, target: torch.Tensor, rounded: torch.Tensor, base_rounded: torch.Tensor) -> None:
+        """Add every `step`-th row of a tensor (rows 0, step, 2·step, ...), weighted by step."""
         diff = (target - base).reshape(-1)
         error = (rounded.float() - target).reshape(-1)
         changed = int(torch.count_nonzero(diff))
@@ -60,6 +75,15 @@ class RoundingReport:
         self.swallowed += step * (changed - int(torch.count_nonzero(rounded != base_rounded)))
         self.change_norm_sq += step * float(torch.dot(diff, diff))
         self.error_norm_sq += step * float(torch.dot(error, error))
+
+    def include(self, other: "RoundingReport") -> None:
+        """Add another report's counts and norms (e.g. of other row blocks of the same tensors)."""
+        self.changed += other.changed
+        self.swallowed += other.swallowed
+        self.change_norm_sq += other.change_norm_sq
+        self.error_norm_sq += other.error_norm_sq
+        if other.overflowed:
+            self.add_overflow(other.overflow_tensor, other.overflowed, other.overflow_peak)
 
     @property
     def swallowed_share(self) -> float:
@@ -71,10 +95,16 @@ class RoundingReport:
         return math.sqrt(self.error_norm_sq / self.change_norm_sq) if self.change_norm_sq else 0.0
 
     def summary(self, dtype: str) -> str:
+        overflow = f"; {self.overflowed:.0f} values overflowed to inf" if self.overflowed else ""
         return (
             f"rounding to {dtype}: {self.swallowed_share:.1%} of changed elements rounded back to the base value; "
-            f"relative error of the change {self.relative_error:.2%}"
+            f"relative error of the change {self.relative_error:.2%}{overflow}"
         )
+
+
+def sample_step(tensor: torch.Tensor) -> int:
+    """Every how many rows the rounding statistics of this tensor look (1: all of it)."""
+    return max(1, tensor.numel() // SAMPLE_ELEMENTS) if tensor.dim() > 1 else 1
 
 
 def _keep_freed_memory_for_reuse() -> None:
@@ -112,26 +142,41 @@ class _PhaseClock:
             self.seconds[phase] += time.perf_counter() - start
 
 
-def stream(plan: MergePlan, results: Sequence[StreamTarget], stagings: Sequence[Path], device: torch.device, progress: bool) -> None:
-    """Write every output shard of every result into its staging folder."""
+def stream(
+    plan: MergePlan,
+    compositions: Sequence[Composition],
+    results: Sequence[StreamTarget],
+    stagings: Sequence[Path],
+    device: torch.device,
+    progress: bool,
+) -> None:
+    """Write every output shard of every result (one per composition) into its staging folder, from one
+    read of the base: each tensor is read once and computed for every output that changes it."""
     if device.type == "cpu":
         _keep_freed_memory_for_reuse()
     moved: dict[int, torch.Tensor] = {}
-    for tensor in plan.edited:
-        tensor.edit.to(device, moved)
-    computed = [t for tensors in plan.shards.values() for t in tensors if _needs_read(plan, t, results)]
+    edits: dict[str, list[Edit | None]] = {}
+    for tensor in plan.edited + plan.added:
+        for change in tensor.changes.values():
+            change.to(device, moved)
+        edits[tensor.name] = [plan.edit(tensor, composition) for composition in compositions]
+    ordered = [t for tensors in plan.shards.values() for t in tensors]
+    computed = [t for t in ordered if _needs_read(t, edits)]
     clock = _PhaseClock()
     # On a GPU, one page-locked buffer for reads and one for writes make host↔device copies fast.
-    largest = max((max(t.source.nbytes, t.nbytes) for t in computed), default=0)
+    largest = max([max(t.source.nbytes, t.nbytes) for t in computed] + [t.nbytes for t in plan.added], default=0)
     pinned = [torch.empty(largest, dtype=torch.uint8, pin_memory=True) for _ in range(2)] if device.type == "cuda" else [None, None]
-    total = sum(t.source.nbytes for tensors in plan.shards.values() for t in tensors)
+    total = sum(_read_bytes(t) for t in ordered)
     opened: list[ShardWriter] = []
     with (
         ThreadPoolExecutor(1, "weightsteer-read") as reader,
+        ThreadPoolExecutor(READS_IN_FLIGHT, "weightsteer-read-chunk") as chunks,
         ThreadPoolExecutor(1, "weightsteer-write") as writer,
+        _compute_workers(device) as workers,
+        ReadAhead([t.source for t in ordered if not isinstance(t, NewTensor)]) as read_ahead,
         tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress) as bar,
     ):
-        reads = _Prefetch(reader, computed, lambda t: _read(plan, t, device, clock, pinned[0]))
+        reads = _Prefetch(reader, computed, lambda t: _read(plan, t, device, clock, pinned[0], chunks))
         writes = _OrderedWrites(writer)
         try:
             for shard, tensors in plan.shards.items():
@@ -140,13 +185,18 @@ def stream(plan: MergePlan, results: Sequence[StreamTarget], stagings: Sequence[
                 shard_writers = [ShardWriter(staging / shard, layout, metadata) for staging in stagings]
                 opened += shard_writers
                 for tensor in tensors:
-                    if _needs_read(plan, tensor, results):
-                        outputs = _outputs(plan, tensor, reads.next(), results, clock)
-                        writes.submit(_write_all, shard_writers, tensor.name, outputs, clock, pinned[1])
+                    if isinstance(tensor, NewTensor):  # a change to an all-zero base tensor
+                        outputs = _outputs(tensor, edits[tensor.name], _zeros(tensor, device), results, clock, workers)
+                        writes.submit(tensor.nbytes * len(outputs), _write_all, shard_writers, tensor.name, outputs, clock, pinned[1])
+                    elif _needs_read(tensor, edits):
+                        outputs = _outputs(tensor, edits.get(tensor.name), reads.next(), results, clock, workers)
+                        nbytes = sum(o.numel() * o.element_size() for o in outputs)
+                        writes.submit(nbytes, _write_all, shard_writers, tensor.name, outputs, clock, pinned[1])
                     else:
-                        writes.submit(_copy_all, shard_writers, tensor, clock)
-                    bar.update(tensor.source.nbytes)
-                writes.submit(_close_all, shard_writers)
+                        writes.submit(0, _copy_all, shard_writers, tensor, clock)
+                    read_ahead.consumed(_read_bytes(tensor))
+                    bar.update(_read_bytes(tensor))
+                writes.submit(0, _close_all, shard_writers)
             writes.drain()
         except BaseException:
             writer.shutdown(cancel_futures=True)
@@ -157,71 +207,193 @@ def stream(plan: MergePlan, results: Sequence[StreamTarget], stagings: Sequence[
         result.seconds = dict(clock.seconds)
 
 
-PREFETCH_DEPTH = 1  # tensors read ahead; bounds memory to a few tensors whatever the model size
-WRITE_DEPTH = 1  # tensors waiting to be written (a second queue was measured no faster)
+def _compute_workers(device: torch.device) -> ThreadPoolExecutor | nullcontext:
+    """On a CPU with few cores, one thread per intra-op thread torch would use, each with single-threaded
+    torch ops (the setting is per thread; the caller's stays): small ops on several OpenMP threads spend
+    their time in barriers once other processes compete for the cores; on a loaded 2-core machine 100 µs
+    ops ran 10-20× slower on two OpenMP threads than on one. With more cores (and on a GPU) the caller's
+    thread computes, torch splitting each block among its threads."""
+    threads = torch.get_num_threads()
+    count = COMPUTE_WORKERS if COMPUTE_WORKERS is not None else (threads if threads <= MAX_COMPUTE_WORKERS else 0)
+    if device.type != "cpu" or count < 1:
+        return nullcontext()
+    return ThreadPoolExecutor(count, "weightsteer-compute", initializer=torch.set_num_threads, initargs=(1,))
+
+
+MAX_COMPUTE_WORKERS = 4  # above this many intra-op threads, compute on the caller's thread (see _compute_workers)
+COMPUTE_WORKERS: int | None = None  # None: the rule above; 0: always the caller's thread; n: n workers
+
+
+# Memory is bounded by bytes, not by model size: a few tensors in flight whatever the checkpoint.
+PREFETCH_BYTES = 128 << 20  # tensors read ahead of the compute (always at least one)
+WRITE_BYTES = 256 << 20  # computed bytes waiting for the writer (always at least one tensor)
+READS_IN_FLIGHT = 4  # chunk reads of one large tensor issued at once (keeps an NVMe queue busy)
+READ_AHEAD_BYTES = 1 << 30  # the kernel is asked to read this far past the compute (page cache, not RSS)
+ADVISE_BYTES = 64 << 20  # one posix_fadvise(WILLNEED) request
 
 
 class _Prefetch:
-    """Runs `read` on the given items in order, at most PREFETCH_DEPTH ahead of the consumer."""
+    """Runs `read` on the given items in order on one thread, up to PREFETCH_BYTES ahead of the consumer;
+    it never waits for a write."""
 
-    def __init__(self, pool: ThreadPoolExecutor, items: list, read):
-        self._pending: deque[Future] = deque()
+    def __init__(self, pool: ThreadPoolExecutor, items: list[OutputTensor], read):
+        self._pending: deque[tuple[int, Future]] = deque()
         self._items = iter(items)
         self._pool, self._read = pool, read
-        for _ in range(PREFETCH_DEPTH):
-            self._schedule()
+        self._fill()
 
-    def _schedule(self) -> None:
-        item = next(self._items, None)
-        if item is not None:
-            self._pending.append(self._pool.submit(self._read, item))
+    def _fill(self) -> None:
+        while not self._pending or sum(n for n, _ in self._pending) < PREFETCH_BYTES:
+            item = next(self._items, None)
+            if item is None:
+                return
+            self._pending.append((item.source.nbytes, self._pool.submit(self._read, item)))
 
     def next(self):
-        result = self._pending.popleft().result()
-        self._schedule()
+        result = self._pending.popleft()[1].result()
+        self._fill()
         return result
 
 
 class _OrderedWrites:
-    """Runs writes on one thread in submission order, blocking when WRITE_DEPTH are pending."""
+    """Runs writes on one thread in submission order, blocking while more than WRITE_BYTES are pending."""
 
     def __init__(self, pool: ThreadPoolExecutor):
         self._pool = pool
-        self._pending: deque[Future] = deque()
+        self._pending: deque[tuple[int, Future]] = deque()
 
-    def submit(self, fn, *args) -> None:
-        self._pending.append(self._pool.submit(fn, *args))
-        while len(self._pending) > WRITE_DEPTH:
-            self._pending.popleft().result()
+    def submit(self, nbytes: int, fn, *args) -> None:
+        self._pending.append((nbytes, self._pool.submit(fn, *args)))
+        while len(self._pending) > 1 and sum(n for n, _ in self._pending) > WRITE_BYTES:
+            self._pending.popleft()[1].result()
+        while self._pending and self._pending[0][1].done():
+            self._pending.popleft()[1].result()
 
     def drain(self) -> None:
         while self._pending:
-            self._pending.popleft().result()
+            self._pending.popleft()[1].result()
 
 
-def _needs_read(plan: MergePlan, tensor: OutputTensor, results: Sequence[StreamTarget]) -> bool:
-    edited = tensor.edit is not None and any(not is_base(plan, r.coeff) for r in results)
+class ReadAhead:
+    """Asks the kernel to read the checkpoint's bytes in stream order, up to READ_AHEAD_BYTES past what
+    the engine has consumed (posix_fadvise WILLNEED, from its own thread: the request may block while the
+    disk queue is full). On a cold page cache this keeps the disk busy while the engine computes and writes;
+    on a warm one it costs a few system calls."""
+
+    def __init__(self, infos: Sequence[TensorInfo]):
+        self._requests = list(_advise_requests(infos))
+        self._consumed = 0
+        self._closed = False
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="weightsteer-read-ahead", daemon=True)
+
+    def __enter__(self) -> "ReadAhead":
+        if hasattr(os, "posix_fadvise") and self._requests:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def consumed(self, nbytes: int) -> None:
+        with self._wake:
+            self._consumed += nbytes
+            self._wake.notify()
+
+    def _wait_for_room(self, advised: int) -> bool:
+        """Wait until `advised` is less than READ_AHEAD_BYTES past the consumer; False once closed."""
+        with self._wake:
+            self._wake.wait_for(lambda: self._closed or advised - self._consumed < READ_AHEAD_BYTES)
+            return not self._closed
+
+    def _run(self) -> None:
+        files: dict[Path, int] = {}
+        advised = 0
+        try:
+            for path, start, length in self._requests:
+                if not self._wait_for_room(advised):
+                    return
+                if path not in files:
+                    files[path] = os.open(path, os.O_RDONLY)
+                os.posix_fadvise(files[path], start, length, os.POSIX_FADV_WILLNEED)
+                advised += length
+        except OSError:
+            return  # a hint only: reads still work without it
+        finally:
+            for fd in files.values():
+                os.close(fd)
+
+
+def _advise_requests(infos: Sequence[TensorInfo]):
+    """(file, start, length) in stream order: adjacent tensors merged, cut into ADVISE_BYTES pieces."""
+    spans: list[list] = []
+    for info in infos:
+        if spans and spans[-1][0] == info.file and spans[-1][1] + spans[-1][2] == info.start:
+            spans[-1][2] += info.nbytes
+        else:
+            spans.append([info.file, info.start, info.nbytes])
+    for path, start, length in spans:
+        for offset in range(0, length, ADVISE_BYTES):
+            yield path, start + offset, min(ADVISE_BYTES, length - offset)
+
+
+def _read_bytes(tensor: OutputTensor | NewTensor) -> int:
+    return 0 if isinstance(tensor, NewTensor) else tensor.source.nbytes
+
+
+def _zeros(tensor: NewTensor, device: torch.device) -> torch.Tensor:
+    """The base a new tensor is computed from, as _read gives it: zeros as stored (in the output dtype)."""
+    return torch.zeros(tensor.shape, dtype=DTYPES[tensor.dtype], device=device)
+
+
+def _needs_read(tensor: OutputTensor | NewTensor, edits: dict[str, list[Edit | None]]) -> bool:
+    if isinstance(tensor, NewTensor):
+        return False
+    edited = any(edit is not None for edit in edits.get(tensor.name, ()))
     return edited or tensor.dtype != tensor.source.dtype
 
 
 def _read(
-    plan: MergePlan, tensor: OutputTensor, device: torch.device, clock: _PhaseClock, pinned: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(base in fp32, base rounded to the output dtype), both on the compute device.
+    plan: MergePlan, tensor: OutputTensor, device: torch.device, clock: _PhaseClock, pinned: torch.Tensor | None, chunks
+) -> torch.Tensor:
+    """The stored tensor on the compute device, as stored (the compute converts it block by block).
 
     With a pinned buffer the copy to the GPU is synchronous, so the buffer is free again on return."""
     with clock("read"):
-        stored = plan.checkpoint.read(tensor.source.name, into=pinned).to(device)
-        return stored.float(), stored.to(DTYPES[tensor.dtype])
+        return plan.checkpoint.read(tensor.source.name, into=pinned, pool=chunks).to(device)
 
 
-def _outputs(plan: MergePlan, tensor: OutputTensor, bases, results: Sequence[StreamTarget], clock: _PhaseClock) -> list[torch.Tensor]:
-    base, base_rounded = bases
+def _outputs(
+    tensor: OutputTensor,
+    edits: list[Edit | None] | None,
+    stored: torch.Tensor,
+    results: Sequence[StreamTarget],
+    clock: _PhaseClock,
+    workers: ThreadPoolExecutor | None,
+) -> list[torch.Tensor]:
+    """One output tensor per result, each rounded once from fp32 to the output dtype; updates the reports."""
+    dtype = DTYPES[tensor.dtype]
     with clock("compute"):
-        return [
-            _merged(tensor, base, base_rounded, plan, result) if tensor.edit is not None and not is_base(plan, result.coeff) else base_rounded
-            for result in results
-        ]
+        edited = [(edit, result) for edit, result in zip(edits or [None] * len(results), results) if edit is not None]
+        # Row blocks only below fp32: the factors' arithmetic (e.g. LoRA's (s·B) A for weight()'s s·(B A)) may
+        # differ in the last fp32 bit, which an fp32 output keeps and rounding to bf16/fp16 absorbs; an fp32
+        # output also needs no conversion, the blocks' main saving.
+        factors = [_row_factors(edit, stored) if dtype.itemsize < 4 else None for edit, _ in edited]
+        base_rounded = None
+        if edited and all(f is not None for f in factors):
+            merged = _low_rank_blocked(tensor, stored, factors, *zip(*edited), dtype, workers)
+        else:
+            base = stored.float()
+            base_rounded = stored.to(dtype)
+            merged = [_merged(tensor, edit, base, base_rounded, result) for edit, result in edited]
+        by_result = {id(result): output for (_, result), output in zip(edited, merged)}
+        if len(by_result) < len(results) and base_rounded is None:
+            base_rounded = stored.to(dtype)
+        return [by_result.get(id(result), base_rounded) for result in results]
 
 
 def _write_all(
@@ -243,18 +415,151 @@ def _close_all(writers: Sequence[ShardWriter]) -> None:
         writer.close()
 
 
-def _merged(tensor: OutputTensor, base: torch.Tensor, base_rounded: torch.Tensor, plan: MergePlan, result: StreamTarget) -> torch.Tensor:
-    """The edited tensor at result.coeff, rounded once to the output dtype; updates the report."""
-    target = tensor.edit(base, plan.scheme, result.coeff)
-    if not math.isfinite(float(target.sum())):  # one pass; NaN and inf survive a sum
-        raise AdapterError(f"Merging {tensor.name} at coeff {result.coeff} gives NaN or inf; check the adapter and coeff.")
+def _merged(tensor: OutputTensor, edit: Edit, base: torch.Tensor, base_rounded: torch.Tensor, result: StreamTarget) -> torch.Tensor:
+    """The edited tensor (every step of the output's composition), rounded once to the output dtype; updates the report."""
+    target = edit(base)
+    _refuse_non_finite(tensor, edit, target)
     rounded = target.to(base_rounded.dtype)
+    if target.shape != base.shape:  # added token rows have no base value: the report leaves them out
+        base, base_rounded = (torch.cat([t, r[t.shape[0] :]]) for t, r in ((base, target), (base_rounded, rounded)))
+    _count_overflow(tensor, target, rounded, base_rounded, result.rounding)
     before = result.rounding.changed
     result.rounding.add(base, target, rounded, base_rounded)
     if result.rounding.changed > before or not torch.equal(target, base):
         result.changed_tensors.append(tensor.name)
+    fault_point("streaming")
     return rounded
 
 
-def is_base(plan: MergePlan, coeff: float) -> bool:
-    return coeff == 0 and plan.scheme.base_at_zero
+def _count_overflow(
+    tensor: OutputTensor, target: torch.Tensor, rounded: torch.Tensor, base_rounded: torch.Tensor, report: RoundingReport
+) -> None:
+    """Count the values of the (finite) fp32 target that became ±inf when rounded to the output dtype; they are put
+    back to the base's in `rounded` (in place) so that the statistics stay finite: the output is refused later."""
+    if not rounded.is_floating_point() or torch.finfo(rounded.dtype).max >= torch.finfo(torch.float32).max:
+        return
+    infinite = torch.isinf(rounded)
+    overflowed = int(infinite.sum())  # target is finite: every inf is an overflow
+    if overflowed:
+        report.add_overflow(tensor.name, overflowed, float(target.abs().max()))
+        rounded.copy_(torch.where(infinite, base_rounded.to(rounded.dtype), rounded))
+
+
+def _refuse_non_finite(tensor: OutputTensor, edit: Edit, target: torch.Tensor) -> None:
+    if not math.isfinite(float(target.sum())):  # one pass; NaN and inf survive a sum
+        coeffs = ", ".join(f"{step.coeff:g}" for step in edit.steps)
+        raise AdapterError(
+            f"Merging {tensor.name} at coeff {coeffs} gives NaN or inf even in float32; check the adapters and coeffs."
+        )
+
+
+# ---- low-rank changes in row blocks ---------------------------------------------------------------
+# W' = W + L R (L: rows × r, R: r × cols) touches each element once: a block of rows is converted to fp32,
+# updated and rounded into the output while it sits in the CPU cache, instead of full-size fp32 passes
+# (convert, add, check, round) over main memory. Row i of W' depends on row i of W and of L only, so the
+# blocked result is the unblocked formula's, element for element.
+
+CPU_BLOCK_ELEMENTS = 1 << 18  # 1 MiB of fp32 per block buffer: two of them stay in a core's L2
+GPU_BLOCK_ELEMENTS = 1 << 28  # on a GPU every tensor of a real model is one block
+MIN_BLOCK_ROWS = 8  # a matrix product over fewer rows may take another kernel (e.g. one row: gemv)
+
+
+def _row_factors(edit: Edit, stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(L, R) with edit(W) = W + L R in the stored orientation, where the edit is one adapter's change and
+    the family's change at that coeff is an exact product of small factors (AdapterFamily.low_rank);
+    None otherwise (compositions of several steps take the full-tensor path)."""
+    if len(edit.steps) != 1 or stored.dim() != 2:
+        return None
+    step = edit.steps[0]
+    change = step.change
+    if change.part != "weight" or step.scheme.apply is None:
+        return None
+    transposed = change.state.fan_in_fan_out
+    shape = tuple(stored.T.shape if transposed else stored.shape)
+    factors = change.family.low_rank(step.scheme.apply(change.state, step.coeff), shape)
+    if factors is None:
+        return None
+    left, right = factors
+    if transposed:  # (W_lin + B A)ᵀ = W + Aᵀ Bᵀ
+        left, right = right.T, left.T
+    rank = left.shape[-1]
+    if left.shape != (stored.shape[0], rank) or right.shape != (rank, stored.shape[1]):
+        return None
+    device = stored.device
+    return left.to(device, torch.float32).contiguous(), right.to(device, torch.float32).contiguous()
+
+
+def row_blocks(rows: int, cols: int, device: torch.device, workers: ThreadPoolExecutor | None = None) -> list[tuple[int, int]]:
+    """Row ranges of about a block's elements each, none under MIN_BLOCK_ROWS rows (unless the tensor is).
+    A block computed on the caller's CPU thread is shared among torch's intra-op threads: one cache-sized
+    piece per thread."""
+    if device.type == "cuda":
+        elements = GPU_BLOCK_ELEMENTS
+    else:
+        elements = CPU_BLOCK_ELEMENTS * (1 if workers is not None else torch.get_num_threads())
+    count = max(1, min(rows // MIN_BLOCK_ROWS, rows * cols // elements))
+    bounds = [rows * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _low_rank_blocked(
+    tensor: OutputTensor,
+    stored: torch.Tensor,
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    edits: Sequence[Edit],
+    results: Sequence[StreamTarget],
+    dtype: torch.dtype,
+    workers: ThreadPoolExecutor | None,
+) -> list[torch.Tensor]:
+    """W + L R for each result's factors, computed block by block from the stored tensor, rounded once.
+
+    On a CPU the blocks are shared among `workers`, threads whose torch ops run single-threaded (see
+    `_compute_workers`)."""
+    rows, cols = stored.shape
+    blocks = row_blocks(rows, cols, stored.device, workers)
+    step = sample_step(stored)
+    outputs = [torch.empty(stored.shape, dtype=dtype, device=stored.device) for _ in results]
+
+    def update(share: Sequence[tuple[int, int]]) -> list[tuple[RoundingReport, bool]]:
+        """Compute these blocks for every result: per result, the blocks' rounding report and whether
+        every block came out unchanged. The report samples the tensor's rows 0, step, 2·step, ...: the
+        blocks' sampled target rows are gathered as they pass, the statistics taken once at the end."""
+        longest = max(end - start for start, end in share)
+        base_block = torch.empty(longest, cols, dtype=torch.float32, device=stored.device)
+        target_block = torch.empty_like(base_block)
+        sampled_rows = torch.tensor([row for start, end in share for row in range(start + -start % step, end, step)], dtype=torch.long, device=stored.device)
+        sampled_targets = [torch.empty(len(sampled_rows), cols, device=stored.device) for _ in results]
+        reports = [RoundingReport() for _ in results]
+        unchanged = [True] * len(results)
+        done = 0
+        for start, end in share:
+            base = base_block[: end - start].copy_(stored[start:end])
+            first = -start % step  # the block's first sampled row
+            count = len(range(first, end - start, step))
+            for k, ((left, right), edit) in enumerate(zip(factors, edits)):
+                target = torch.addmm(base, left[start:end], right, out=target_block[: end - start])
+                _refuse_non_finite(tensor, edit, target)
+                outputs[k][start:end].copy_(target)
+                _count_overflow(tensor, target, outputs[k][start:end], stored[start:end], reports[k])
+                sampled_targets[k][done : done + count].copy_(target[first::step])
+                unchanged[k] = unchanged[k] and torch.equal(target, base)
+            done += count
+        sampled_stored = stored[sampled_rows]
+        base_sample, stored_rounded = sampled_stored.float(), sampled_stored.to(dtype)
+        for k, report in enumerate(reports):
+            report.add_sample(step, base_sample, sampled_targets[k], outputs[k][sampled_rows], stored_rounded)
+        return list(zip(reports, unchanged))
+
+    if workers is None:
+        shares = [update(blocks)]
+    else:
+        count = min(workers._max_workers, len(blocks))
+        shares = [share.result() for share in [workers.submit(update, blocks[i::count]) for i in range(count)]]
+    for k, result in enumerate(results):
+        before = result.rounding.changed
+        for report, _ in (share[k] for share in shares):
+            result.rounding.include(report)
+        if result.rounding.changed > before or not all(share[k][1] for share in shares):
+            result.changed_tensors.append(tensor.name)
+    return outputs
+

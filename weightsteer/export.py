@@ -32,12 +32,12 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import Adapter
-from .adapters.base import MODEL_PREFIX, AdapterFamily, ModuleState, Scheme
+from .adapters.base import MODEL_PREFIX, ModuleState
 from .checkpoint import Checkpoint
 from .errors import ExportError
-from .outputs import check_output, publish, remove_quietly, staging_dir
-from .merge import finite_coeff, open_plan
-from .planner import EMBEDDING_SUFFIXES, HEAD, OutputTensor, _resolve, _tied_embedding
+from .outputs import OutputSlot
+from .merge import Adapters, open_plan, steers
+from .planner import COMPOSE_MODES, Composition, Edit, MergePlan, OutputTensor, Step, _resolve, tying
 
 PathLike = str | os.PathLike
 DEFAULT_ENERGY = 0.99
@@ -63,11 +63,12 @@ class LoraExport:
     """One exported LoRA folder."""
 
     path: Path
-    coeff: float
+    coeff: float | None  # None for a composition: see terms
     scheme: str
     adapter_type: str
     rank: int
     base: Path | None = None  # the base folder used (local, or the Hub cache's snapshot)
+    terms: list[dict] = field(default_factory=list)  # adapter, adapter_type, coeff, scheme of every term
     modules: list[ModuleExport] = field(default_factory=list)
     linear_in_coeff: bool = False  # ΔW(c) = c·ΔW(1): a runtime LoRA scale acts as coeff
     warnings: list[str] = field(default_factory=list)
@@ -78,13 +79,15 @@ class LoraExport:
 
     def summary(self) -> str:
         exact = sum(m.method == "exact" for m in self.modules)
+        what = f"{self.adapter_type} at coeff {self.coeff:g}" if self.coeff is not None else _described(self.terms)
         text = (
-            f"wrote {self.path}  ({self.adapter_type} at coeff {self.coeff:g} as a LoRA of rank {self.rank} on "
+            f"wrote {self.path}  ({what} as a LoRA of rank {self.rank} on "
             f"{len(self.modules)} modules: {exact} exact, {len(self.modules) - exact} truncated SVD; max relative "
             f"error {self.max_relative_error:.2e})"
         )
         if self.linear_in_coeff:
-            text += f"\n  runtime scale s applies coeff {self.coeff:g}·s (llama.cpp: --lora-scaled FILE:s, s may be negative)"
+            applied = f"coeff {self.coeff:g}·s" if self.coeff is not None else "every term's coeff times s"
+            text += f"\n  runtime scale s applies {applied} (llama.cpp: --lora-scaled FILE:s, s may be negative)"
         return text
 
     def to_dict(self) -> dict:
@@ -96,12 +99,13 @@ class LoraExport:
 
 
 def export_lora(
-    adapter: PathLike,
+    adapter: Adapters,
     output: PathLike,
     *,
     coeff: float = 1.0,
     base: PathLike | None = None,
     scheme: str | None = None,
+    compose: str = "chain",
     rank: int | None = None,
     energy: float | None = None,
     task_id: int | None = None,
@@ -110,115 +114,148 @@ def export_lora(
 ) -> LoraExport:
     """Write `adapter` at strength `coeff` as a plain PEFT LoRA folder at `output` (see the module docstring).
 
+    `adapter` may be a `Steer` or a list of them (a composition, `compose` as for `merge`): exact factors are
+    then concatenated (rank Σ rᵢ) where every term is low-rank, an SVD of the composed change otherwise.
     `base` (folder or Hub id; default: the adapter's base_model_name_or_path) gives the tensor shapes, and the
     base weights for modules that need an SVD. Returns what was written, with per-module errors.
     """
-    coeff = finite_coeff(coeff)
+    terms = steers(adapter, coeff, scheme)
     _check_truncation(rank, energy)
     output = Path(output)
-    check_output(output, overwrite)
-    plan, base_ref, _ = open_plan(adapter, base=base, scheme=scheme, task_id=task_id)
-    loaded, checkpoint, chosen = plan.adapter, plan.checkpoint, plan.scheme
-    result = LoraExport(output, coeff, chosen.name, loaded.peft_type, 0, checkpoint.root)
-    modules = _module_changes(plan.edited, checkpoint, loaded, chosen, coeff, rank, energy, result, progress)
-    _add_tied_head(modules, checkpoint, plan.config_patch, plan.edited)
-    result.rank = max((m["factors"][0].shape[1] for m in modules.values() if "factors" in m), default=1)
-    result.modules = [m["report"] for m in modules.values() if "report" in m]
-    staging = staging_dir(output)
-    try:
-        _write(staging, modules, result.rank, loaded, base_ref, result)
-        publish(staging, output)
-    finally:
-        remove_quietly(staging)
+    if compose not in COMPOSE_MODES:
+        raise ExportError(f"compose must be one of {', '.join(COMPOSE_MODES)}; got {compose!r}.")
+    with OutputSlot(output, overwrite, marker=REPORT_NAME) as slot:  # locked from this check to the publish
+        opened = open_plan(terms, base=base, task_id=task_id)
+        plan, checkpoint, base_ref = opened.plan, opened.plan.checkpoint, opened.base_ref
+        slot.protect(*opened.inputs())
+        composition = Composition(tuple(opened.term(s) for s in terms), compose)
+        _refuse_vectors(plan, composition, opened.refs)
+        records = [
+            {"adapter": opened.refs[t.adapter], "adapter_type": plan.adapters[t.adapter].peft_type, "coeff": t.coeff, "scheme": t.scheme.name}
+            for t in composition.terms
+        ]
+        single = len(records) == 1
+        result = LoraExport(
+            output,
+            records[0]["coeff"] if single else None,
+            "+".join(dict.fromkeys(r["scheme"] for r in records)),
+            "+".join(dict.fromkeys(r["adapter_type"] for r in records)),
+            0,
+            checkpoint.root,
+            records,
+            warnings=list(slot.notes),
+        )
+        modules = _module_changes(plan, composition, rank, energy, result, progress)
+        _add_tied_head(modules, plan.shared_head)
+        result.rank = max((m["factors"][0].shape[1] for m in modules.values() if "factors" in m), default=1)
+        result.modules = [m["report"] for m in modules.values() if "report" in m]
+        _write(slot.stage(), modules, result.rank, plan.adapters[composition.terms[0].adapter], base_ref, result)
+        slot.publish()
     return result
+
+
+def _refuse_vectors(plan: MergePlan, composition: Composition, refs: list[str]) -> None:
+    """An activation steering vector changes only biases (new ones where the base has none): no LoRA carries it."""
+    for term in composition.terms:
+        parts = {t.changes[term.adapter].part for t in plan.edited if term.adapter in t.changes}
+        if parts <= {"bias"}:
+            raise ExportError(
+                f"{refs[term.adapter]} is an activation steering vector (a bias), not a weight change; "
+                "use `weightsteer export-vector`."
+            )
 
 
 # ---- one module at a time ---------------------------------------------------------------------------
 
 
 def _module_changes(
-    edited: list[OutputTensor],
-    checkpoint: Checkpoint,
-    adapter: Adapter,
-    scheme: Scheme,
-    coeff: float,
+    plan: MergePlan,
+    composition: Composition,
     rank: int | None,
     energy: float | None,
     result: LoraExport,
     progress: bool,
 ) -> dict[str, dict]:
     """module path → {"factors": (B, A), "layer", "report", "bias": Δb}, in the base's tensor order."""
-    replaced = {_resolve(checkpoint, name, what=name): name for name in adapter.replacements()}
+    checkpoint, kind = plan.checkpoint, result.adapter_type
+    replaced = {_resolve(checkpoint, name, what=name): name for adapter in plan.adapters for name in adapter.replacements()}
+    # ΔW is linear in coeff when doubling every coeff doubles it (all coeffs 0: probed at 1 and 2).
+    probe = composition if any(t.coeff for t in composition.terms) else _times(composition, 0, offset=1)
+    at = {"coeff": composition, "probe": probe, "twice": _times(probe, 2)}
     modules: dict[str, dict] = {}
     linear: list[bool] = []
-    probe = coeff or 1.0  # linearity is checked between probe and 2·probe
-    for tensor in tqdm(edited, desc="factoring", unit="tensor", disable=not progress):
-        edit = tensor.edit
-        if edit.part == "bias" or (edit.part == "replace" and len(tensor.shape) == 1):
-            path = edit.state.path if edit.state is not None else _module_path(replaced.get(tensor.name, tensor.name))
+    for tensor in tqdm(plan.edited, desc="factoring", unit="tensor", disable=not progress):
+        edits = {key: plan.edit(tensor, c) or Edit(()) for key, c in at.items()}
+        first = next(iter(tensor.changes.values()))
+        if first.part == "bias" or (first.part == "replace" and len(tensor.shape) == 1):
+            path = first.state.path if first.state is not None else _module_path(replaced.get(tensor.name, tensor.name))
             if not tensor.name.endswith(".bias"):
                 raise ExportError(
-                    f"{adapter.peft_type} changes the 1-D tensor {tensor.name} (a norm or scale vector); a LoRA only "
+                    f"{kind} changes the 1-D tensor {tensor.name} (a norm or scale vector); a LoRA only "
                     "changes matrices and biases, so it cannot carry this change. Merge the adapter instead "
                     "(`weightsteer merge`)."
                 )
             base = checkpoint.read(tensor.source.name).float()
             entry = modules.setdefault(path, {})
-            entry["bias"] = edit(base, scheme, coeff) - base
-            entry["weight_shape"] = _bias_layer_shape(checkpoint, tensor, edit.state)
-            linear.append(_proportional(edit(base, scheme, probe) - base, edit(base, scheme, 2 * probe) - base))
+            entry["bias"] = edits["coeff"](base) - base
+            entry["weight_shape"] = _bias_layer_shape(checkpoint, tensor, first.state)
+            linear.append(_proportional(edits["probe"](base) - base, edits["twice"](base) - base))
             continue
         if len(tensor.shape) != 2:
             raise ExportError(
-                f"{adapter.peft_type} changes {tensor.name} of shape {tensor.shape}; LoRA export handles 2-D weights "
+                f"{kind} changes {tensor.name} of shape {tensor.shape}; LoRA export handles 2-D weights "
                 "(Linear, Conv1D, Embedding) only. Merge the adapter instead (`weightsteer merge`)."
             )
-        if edit.part == "weight":
-            path, layer, state = edit.state.path, edit.state.layer, edit.state
+        if first.part == "weight":
+            path, layer, state = first.state.path, first.state.layer, first.state
         else:  # a 2-D tensor the adapter stores whole (modules_to_save, saved embeddings)
             name = replaced.get(tensor.name, tensor.name)
-            path, layer, state = _module_path(name), "embedding" if name.endswith(EMBEDDING_SUFFIXES) else "linear", None
+            path, layer, state = _module_path(name), "embedding" if tying(checkpoint).is_embedding(tensor.name) else "linear", None
         transposed = state is not None and state.fan_in_fan_out
-        factors, error, method, proportional = _factor_weight(checkpoint, tensor, adapter.family, state, scheme, coeff, rank, energy)
+        factors, error, method, proportional = _factor_weight(checkpoint, tensor, edits, transposed, rank, energy)
         linear.append(proportional)
         entry = modules.setdefault(path, {})
         entry.update(factors=factors, layer=layer, fan_in_fan_out=transposed)
         entry["report"] = ModuleExport(path, method, factors[0].shape[1], error, layer)
     result.linear_in_coeff = all(linear)
     if not result.linear_in_coeff:
+        what = f"this {kind} adapter" if result.coeff is not None else "this composition"
         result.warnings.append(
-            f"ΔW of this {adapter.peft_type} adapter is not linear in coeff under scheme {scheme.name}: a runtime LoRA "
+            f"ΔW of {what} is not linear in coeff under scheme {result.scheme}: a runtime LoRA "
             "scale s does not give coeff s·c. Export one LoRA per coeff instead."
         )
     return modules
 
 
+def _times(composition: Composition, factor: float, offset: float = 0.0) -> Composition:
+    """The composition with every coeff c replaced by offset + factor·c."""
+    terms = tuple(replace(t, coeff=offset + factor * t.coeff) for t in composition.terms)
+    return replace(composition, terms=terms)
+
+
 def _factor_weight(
     checkpoint: Checkpoint,
     tensor: OutputTensor,
-    family: AdapterFamily,
-    state: ModuleState | None,
-    scheme: Scheme,
-    coeff: float,
+    edits: dict[str, Edit],
+    transposed: bool,
     rank: int | None,
     energy: float | None,
 ) -> tuple[Factors, float, str, bool]:
     """(B, A), relative error, "exact" or "svd", and whether ΔW is linear in coeff, for one 2-D tensor."""
-    transposed = state is not None and state.fan_in_fan_out
     shape = tuple(tensor.shape[::-1] if transposed else tensor.shape)
-    probe = coeff or 1.0  # linearity is checked between probe and 2·probe
-    exact = _exact_factors(family, state, scheme, coeff, shape) if state is not None else None
+    exact = _exact_factors(edits["coeff"], shape)
     if exact is not None:
-        pair = [_exact_factors(family, state, scheme, c, shape) for c in (probe, 2 * probe)]
-        return *_kept_exact(exact, rank, energy), "exact", _proportional(*(b @ a for b, a in pair))
-    delta = _delta(checkpoint, tensor, scheme, coeff, transposed)
+        pair = [_exact_factors(edits[key], shape) for key in ("probe", "twice")]
+        proportional = None not in pair and _proportional(*(b @ a for b, a in pair))
+        return *_kept_exact(exact, rank, energy), "exact", proportional
+    delta = _delta(checkpoint, tensor, edits["coeff"], transposed)
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     if energy is None and rank is None:
         numerical = int((s > s[0] * NUMERICAL_RANK_RTOL).sum()) if len(s) else 0
         rank, energy = (numerical, None) if numerical <= DEFAULT_MAX_RANK else (None, DEFAULT_ENERGY)
     factors, error = _truncated(u, s, vh, rank, energy)
-    at_probe = delta if coeff else _delta(checkpoint, tensor, scheme, probe, transposed)
-    return factors, error, "svd", _proportional(at_probe, _delta(checkpoint, tensor, scheme, 2 * probe, transposed))
+    pair = [_delta(checkpoint, tensor, edits[key], transposed) for key in ("probe", "twice")]
+    return factors, error, "svd", _proportional(*pair)
 
 
 def _proportional(once: torch.Tensor, twice: torch.Tensor) -> bool:
@@ -227,18 +264,32 @@ def _proportional(once: torch.Tensor, twice: torch.Tensor) -> bool:
     return bool(torch.allclose(2 * once.double(), twice.double(), rtol=0, atol=1e-5 * scale + 1e-12))
 
 
-def _exact_factors(family: AdapterFamily, state: ModuleState, scheme: Scheme, coeff: float, shape: tuple[int, int]) -> Factors | None:
-    """The family's own factors of ΔW at coeff, or None where ΔW is not a product of small factors."""
-    if scheme.apply is None:  # delta: c·(W₁ − W)
-        factors = family.low_rank(state, shape)
-        return None if factors is None else (coeff * factors[0], factors[1])
-    return family.low_rank(scheme.apply(state, coeff), shape)
+def _exact_factors(edit: Edit, shape: tuple[int, int]) -> Factors | None:
+    """Every step's own factors of its ΔW, concatenated (rank Σ rᵢ): exact where each step is a weight
+    change that is a product of small factors (and so independent of the weight it applies to); None
+    otherwise, and for an edit without steps."""
+    if not edit.steps:  # every term at coeff 0: no change
+        return torch.zeros(shape[0], 1), torch.zeros(1, shape[1])
+    found = [_step_factors(step, shape) for step in edit.steps]
+    if None in found:
+        return None
+    return torch.cat([b for b, _ in found], dim=1), torch.cat([a for _, a in found], dim=0)
 
 
-def _delta(checkpoint: Checkpoint, tensor: OutputTensor, scheme: Scheme, coeff: float, transposed: bool) -> torch.Tensor:
-    """ΔW at coeff in fp64 (Linear orientation), from the base tensor read now."""
+def _step_factors(step: Step, shape: tuple[int, int]) -> Factors | None:
+    change = step.change
+    if change.part != "weight":
+        return None
+    if step.scheme.apply is None:  # delta: c·(W₁ − W)
+        factors = change.family.low_rank(change.state, shape)
+        return None if factors is None else (step.coeff * factors[0], factors[1])
+    return change.family.low_rank(step.scheme.apply(change.state, step.coeff), shape)
+
+
+def _delta(checkpoint: Checkpoint, tensor: OutputTensor, edit: Edit, transposed: bool) -> torch.Tensor:
+    """ΔW of the edit in fp64 (Linear orientation), from the base tensor read now."""
     base = checkpoint.read(tensor.source.name).float()
-    delta = (tensor.edit(base, scheme, coeff) - base).double()
+    delta = (edit(base) - base).double()
     return delta.T if transposed else delta
 
 
@@ -301,17 +352,12 @@ def _module_path(tensor_name: str) -> str:
     return tensor_name.rsplit(".", 1)[0]
 
 
-def _add_tied_head(modules: dict[str, dict], checkpoint: Checkpoint, config_patch: dict, edited: list[OutputTensor]) -> None:
+def _add_tied_head(modules: dict[str, dict], head: str | None) -> None:
     """A merge that keeps the head tied changes it with the embedding; a plain LoRA on the embedding does not,
-    so the LoRA gets an lm_head module with the same change."""
-    embedding = _tied_embedding(checkpoint)
-    if embedding is None or "tie_word_embeddings" in config_patch:
+    so the LoRA gets a module for the head (`plan.shared_head`) with the same change."""
+    entry = next((m for m in modules.values() if m.get("layer") == "embedding" and "factors" in m), None) if head else None
+    if entry is None:
         return
-    edit = next((t.edit for t in edited if t.name == embedding and t.edit.state is not None), None)
-    entry = modules.get(edit.state.path) if edit is not None else None
-    if entry is None or "factors" not in entry:
-        return
-    head = HEAD.removesuffix(".weight")
     report = replace(entry["report"], module=head, layer="linear")
     modules[head] = {"factors": entry["factors"], "layer": "linear", "report": report}
 
@@ -356,6 +402,10 @@ def _write(staging: Path, modules: dict[str, dict], rank: int, adapter: Adapter,
         **{k: v for k, v in result.to_dict().items() if k != "path"},
     }
     (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _described(terms: list[dict]) -> str:
+    return " + ".join(f"{t['adapter']} ({t['adapter_type']}) at coeff {t['coeff']:g}" for t in terms)
 
 
 def _pad(factor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:

@@ -13,12 +13,13 @@ from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_b
 
 from .card import NOT_VERIFIED, record_verification
 from .errors import PushError, VerificationError
-from .outputs import PROVENANCE_NAME
+from .outputs import LOCAL_PATHS_NAME, PROVENANCE_NAME
 
 if TYPE_CHECKING:
     from .verify import VerifyReport
 
 LARGE_FOLDER_BYTES = 5 * 2**30
+NOT_PUBLISHED = [LOCAL_PATHS_NAME]  # this machine's input paths (for verify here) stay here
 
 
 def repo_url(repo_id: str) -> str:
@@ -78,11 +79,9 @@ def push(
             return _upload(folder, repo_id, private=private, revision=revision, create_pr=create_pr)
     except Exception as e:  # huggingface_hub raises many types: HTTP and network errors, malformed replies
         raise PushError(
-            _without_token(
-                f"Pushing {folder} to {repo_id} failed ({type(e).__name__}: {e}). Run the same command again to "
-                "resume: files the Hub already has are not sent twice."
-            )
-        ) from e
+            f"Pushing {folder} to {repo_id} failed ({type(e).__name__}: {e}). Run the same command again to "
+            "resume: files the Hub already has are not sent twice."
+        ) from None  # the chained exception would print the library's unredacted message
 
 
 def _verified(folder: Path) -> VerifyReport:
@@ -100,7 +99,7 @@ def _upload(folder: Path, repo_id: str, *, private: bool, revision: str | None, 
     # From 2.0 on, upload_folder itself resumes and splits large folders into several commits.
     upload_large_folder = getattr(api, "upload_large_folder", None)
     if upload_large_folder is not None and not create_pr and _size(folder) > LARGE_FOLDER_BYTES:
-        upload_large_folder(repo_id=url.repo_id, folder_path=folder, repo_type="model", revision=revision)
+        upload_large_folder(repo_id=url.repo_id, folder_path=folder, repo_type="model", revision=revision, ignore_patterns=NOT_PUBLISHED)
         return f"{url}/tree/{revision}" if revision else str(url)
     commit = api.upload_folder(
         repo_id=url.repo_id,
@@ -108,6 +107,7 @@ def _upload(folder: Path, repo_id: str, *, private: bool, revision: str | None, 
         revision=revision,
         create_pr=create_pr,
         commit_message=f"Upload {folder.name} (weightsteer)",
+        ignore_patterns=NOT_PUBLISHED,
     )
     if commit.pr_url:
         return commit.pr_url
@@ -128,8 +128,3 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
         yield
     finally:
         enable_progress_bars()
-
-
-def _without_token(text: str) -> str:
-    token = get_token()
-    return text.replace(token, "***") if token else text

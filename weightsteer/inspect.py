@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .adapters import CONFIG_NAME, REFUSED, family_for, load_adapter
+from .adapters import REFUSED, family_for, load_adapter, read_config
 from .adapters.base import split_keys
 from .checkpoint import Checkpoint
-from .errors import AdapterError, UnsupportedAdapterError
+from .errors import UnsupportedAdapterError
 from .resolve import resolve
-from .planner import plan_merge
+from .planner import Composition, Term, plan_merge
 
 
 @dataclass
@@ -46,17 +45,23 @@ class AdapterReport:
 
 def inspect(adapter: str | Path, base: str | Path | None = None) -> AdapterReport:
     """Describe an adapter; with `base`, also measure ‖ΔW‖/‖W‖ per changed tensor at coeff 1."""
+    from .formats import detect_format
+
+    fmt = detect_format(Path(adapter).expanduser()) if Path(adapter).expanduser().exists() else None
+    if fmt is not None:
+        return _format_report(fmt, Path(adapter).expanduser(), base)
     folder = resolve(str(adapter), "adapter")
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise AdapterError(f"{folder} has no {CONFIG_NAME}; pass the folder PEFT's save_pretrained wrote.")
-    config = json.loads(config_path.read_text())
-    peft_type = config.get("peft_type", "?")
+    config = read_config(folder)
+    peft_type = config["peft_type"]
     report = AdapterReport(str(adapter), peft_type, "refused", base_model=config.get("base_model_name_or_path"))
     try:
         family = family_for(peft_type)
     except UnsupportedAdapterError as e:
         report.reason = REFUSED.get(peft_type, str(e))
+        return report
+    refusal = family.refusal(config)
+    if refusal is not None:
+        report.reason = refusal
         return report
     loaded = load_adapter(folder)
     report.merge = "fixed task" if peft_type == "POLY" else "exact"
@@ -64,7 +69,7 @@ def inspect(adapter: str | Path, base: str | Path | None = None) -> AdapterRepor
     report.rank = config.get("r")
     report.rank_pattern = config.get("rank_pattern") or {}
     report.parameters = sum(t.numel() for t in loaded.tensors.values())
-    modules, replaced, _ = split_keys(loaded.tensors, family.tokens, family.shared_tokens)
+    modules, replaced, _ = split_keys(loaded.tensors, family.tokens, family.shared_tokens, nested=family.nested)
     report.targets = sorted([*modules, *replaced])
     default = family.scheme(None)
     report.scheme = {"name": default.name, "formula": default.formula, "meaning": default.meaning}
@@ -73,12 +78,40 @@ def inspect(adapter: str | Path, base: str | Path | None = None) -> AdapterRepor
     return report
 
 
+def _format_report(fmt, path: Path, base: str | Path | None) -> AdapterReport:
+    """A steering format's artefact: its format name, what it steers, and (with a base) the tensors it changes."""
+    from .formats.vectors import VectorArtefact
+
+    report = AdapterReport(str(path), fmt.name, "refused")
+    try:
+        loaded = fmt.read(path)
+    except UnsupportedAdapterError as e:
+        report.reason = str(e)
+        return report
+    default = loaded.family.scheme(None)
+    report.merge, report.reason = "exact", f"{fmt.summary}; runtime twin: {fmt.runtime}"
+    report.base_model = loaded.base_model
+    report.parameters = sum(t.numel() for t in loaded.tensors.values())
+    report.scheme = {"name": default.name, "formula": default.formula, "meaning": default.meaning}
+    if isinstance(loaded, VectorArtefact):
+        blocks = sorted(loaded.directions())
+        report.targets = [f"after block {n}" for n in blocks]
+        if 0 in blocks and fmt.name == "control-vector-gguf":
+            report.reason += "; warning: it holds direction.0, which makes llama.cpp reject the file (weightsteer bakes it after block 0)"
+    else:
+        report.targets = sorted({name.rpartition("|")[0] or name.rpartition(".")[0] for name in loaded.tensors})
+    if base is not None:
+        report.changes = _changes(loaded, Checkpoint(resolve(str(base), "base")), default)
+    return report
+
+
 def _changes(adapter, checkpoint: Checkpoint, scheme) -> list[TensorChange]:
-    plan = plan_merge(checkpoint, adapter, scheme, options={"task_id": 0})
+    plan = plan_merge(checkpoint, adapter, options={"task_id": 0})
+    at_one = Composition((Term(0, 1.0, scheme),))
     changes = []
     for tensor in plan.edited:
         weight = checkpoint.read(tensor.source.name).float()
-        delta = tensor.edit(weight, scheme, 1.0) - weight
+        delta = plan.edit(tensor, at_one)(weight) - weight
         norm = float(torch.linalg.vector_norm(weight))
         changes.append(TensorChange(tensor.name, tensor.shape, float(torch.linalg.vector_norm(delta)) / norm if norm else math.inf))
     return changes

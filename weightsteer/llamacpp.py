@@ -16,12 +16,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConverterError, OutputError
+from .errors import ConverterError
 
 ENV_DIR = "WEIGHTSTEER_LLAMA_CPP"
 ENV_PYTHON = "WEIGHTSTEER_CONVERTER_PYTHON"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 CONVERTER_MODULES = ("numpy", "torch", "transformers", "safetensors", "sentencepiece")
+GGUF_MAGIC = b"GGUF"
 LLAMA_CPP_PYTHON = "0.3.36"  # a llama-cpp-python sdist whose vendored llama.cpp has the converters we test
 HOW_TO_GET = f"""llama.cpp's converters ship in the llama-cpp-python source distribution (with gguf-py and conversion/):
     pip download --no-deps --no-binary llama-cpp-python llama-cpp-python=={LLAMA_CPP_PYTHON} -d /tmp/llama-sdist
@@ -85,7 +86,7 @@ def convert_model(
     for weights would find two copies).
     """
     model = _model_folder(model)
-    target = _target(output, model, outtype, overwrite)
+    target = _target(output, model, outtype, overwrite, {"model": model})
     folder = find_llama_cpp(llama_cpp)
     _run(python, [folder / "convert_hf_to_gguf.py", model, "--outfile", _partial(target), "--outtype", outtype], target)
     return GGUFResult(target, outtype, model, "model")
@@ -106,7 +107,7 @@ def convert_lora(
     if not (lora / "adapter_config.json").is_file():
         raise ConverterError(f"{lora} has no adapter_config.json; pass a PEFT LoRA folder (e.g. from export-lora).")
     base = _model_folder(base)
-    target = _target(output, lora, outtype, overwrite)
+    target = _target(output, lora, outtype, overwrite, {"LoRA": lora, "base": base})
     folder = find_llama_cpp(llama_cpp)
     script = folder / "convert_lora_to_gguf.py"
     if not script.is_file():
@@ -122,14 +123,14 @@ def _model_folder(model: str | os.PathLike) -> Path:
     return model
 
 
-def _target(output: str | os.PathLike | None, source: Path, outtype: str, overwrite: bool) -> Path:
+def _target(output: str | os.PathLike | None, source: Path, outtype: str, overwrite: bool, inputs: dict[str, Path]) -> Path:
+    """The GGUF file to write; the rules of outputs.py: replace only a GGUF file, never inside or over an input."""
+    from .outputs import check_file_output  # outputs imports torch: not at import time (`weightsteer --help`)
+
     if outtype not in OUTTYPES:
         raise ConverterError(f"--outtype must be one of {', '.join(OUTTYPES)}; got {outtype!r}.")
     target = Path(output) if output is not None else source.resolve().with_name(f"{source.resolve().name}-{outtype}.gguf")
-    if target.exists() and not overwrite:
-        raise OutputError(f"{target} exists already; pass --overwrite (overwrite=True) to replace it.")
-    if not target.parent.is_dir():
-        raise OutputError(f"The folder of {target} does not exist.")
+    check_file_output(Path(os.path.abspath(target)), overwrite, inputs, GGUF_MAGIC, "GGUF")
     return target
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
@@ -35,12 +36,27 @@ def resolve(ref: str | Path, kind: str, revision: str | None = None) -> Path:
     try:
         return Path(snapshot_download(str(ref), revision=revision, **patterns))
     except Exception as e:  # huggingface_hub raises many types: offline, 401, 404, network
-        raise error(
+        raise error(  # redacted on construction: the server's reply may echo the request's Authorization header
             f"Could not get {kind} {ref!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
             "Check the repo id and your token, or pass a local folder. Offline, only repos already in the cache work."
-        ) from e
+        ) from None
 
 
-def snapshot_revision(path: Path) -> str | None:
-    """The commit of a folder resolved from the Hub cache (…/snapshots/<commit>); None for local folders."""
-    return path.name if path.parent.name == "snapshots" else None
+def hub_reference(path: Path) -> tuple[str, str] | None:
+    """(repo id, commit) of a Hub-cache snapshot folder (…/models--org--name/snapshots/<commit>); None otherwise."""
+    real = Path(os.path.realpath(path))
+    repo_folder = real.parent.parent.name
+    kind, _, name = repo_folder.partition("--")
+    if real.parent.name != "snapshots" or kind not in ("models", "datasets", "spaces") or "--" not in name:
+        return None
+    return name.replace("--", "/", 1), real.name
+
+
+def published_reference(ref: str, path: Path) -> tuple[str, str | None, str | None, str | None]:
+    """How an input is recorded without the merging machine's local paths: (shown name, Hub id, Hub commit,
+    absolute local path). A Hub-cache folder becomes its repo id at that commit; a local folder shows only its
+    name, and its absolute path is kept apart (for `verify` on this machine, never pushed)."""
+    hub = hub_reference(path)
+    if hub is not None:
+        return hub[0], hub[0], hub[1], None
+    return Path(os.path.abspath(path)).name, None, None, os.path.abspath(path)

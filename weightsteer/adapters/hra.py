@@ -37,6 +37,7 @@ def _power(state: ModuleState, c: float) -> ModuleState:
 class HRA(AdapterFamily):
     name = "HRA"
     peft_types = ("HRA",)
+    composes_additively = False  # PEFT applies several of them one after another
     tokens = ("hra_u",)
     schemes = {
         "power": Scheme(

@@ -41,6 +41,7 @@ def _power(state: ModuleState, c: float) -> ModuleState:
 class IA3(AdapterFamily):
     name = "IA3"
     peft_types = ("IA3",)
+    composes_additively = False  # PEFT applies several of them one after another
     tokens = (TOKEN,)
     schemes = {
         "linear": Scheme(

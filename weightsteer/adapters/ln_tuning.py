@@ -7,7 +7,8 @@ the copy is a strength knob, so coeff interpolates each stored tensor from the b
   p(c) = p₀ + c·(p₁ − p₀)
 held as a scalar `mix` (= c under the linear scheme) that weight() and bias() apply to the base.
 Any module type can be targeted (norms, also Linear); parameters are mixed elementwise, so the
-stored orientation (GPT-2 Conv1D included) needs no transposing.
+stored orientation needs no transposing; on a GPT-2 Conv1D, which the merge hands over in Linear orientation
+(state.fan_in_fan_out), the stored copy is transposed to match.
 """
 
 from __future__ import annotations
@@ -47,14 +48,14 @@ class LNTuning(AdapterFamily):
         return states
 
     def check_shapes(self, state, weight_shape, bias_shape):
-        trained = tuple(state.tensors[TOKEN].shape)
+        trained = tuple(_trained_weight(state).shape)
         if tuple(weight_shape) != trained:
             raise shape_error(state.path, "weight shape", trained, tuple(weight_shape))
         if BIAS in state.tensors and tuple(state.tensors[BIAS].shape) != bias_shape:
             raise shape_error(state.path, "bias shape", tuple(state.tensors[BIAS].shape), bias_shape or "no bias")
 
     def weight(self, state, weight):
-        return toward(weight, state.tensors[TOKEN], state.scalars["mix"])
+        return toward(weight, _trained_weight(state), state.scalars["mix"])
 
     def changes_bias(self, state):
         return BIAS in state.tensors
@@ -73,6 +74,11 @@ class LNTuning(AdapterFamily):
         base = dict(layer.get_base_layer().named_parameters())
         for name, p in layer.ln_tuning_layers[adapter].named_parameters():
             p.data.copy_(toward(base[name].detach().float(), state.tensors[_state_name(name)], state.scalars["mix"]))
+
+
+def _trained_weight(state: ModuleState):
+    """The trained weight in the orientation weight() receives (Linear orientation for a Conv1D)."""
+    return state.tensors[TOKEN].T if state.fan_in_fan_out else state.tensors[TOKEN]
 
 
 def _state_name(param: str) -> str:

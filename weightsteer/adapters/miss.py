@@ -29,6 +29,7 @@ def _scale(state: ModuleState, c: float) -> ModuleState:
 class MiSS(AdapterFamily):
     name = "MiSS"
     peft_types = ("MISS", "BONE")
+    composes_additively = False  # PEFT applies several of them one after another
     tokens = (BLOCK, BONE_BLOCK)
     schemes = {
         "linear": Scheme(

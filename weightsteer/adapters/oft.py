@@ -38,6 +38,7 @@ def _power(state: ModuleState, c: float) -> ModuleState:
 class OFT(AdapterFamily):
     name = "OFT"
     peft_types = ("OFT",)
+    composes_additively = False  # PEFT applies several of them one after another
     tokens = (LINEAR, EMBEDDING)
     schemes = {
         "linear": Scheme(

@@ -105,6 +105,7 @@ def _block_power(
 class RoAd(AdapterFamily):
     name = "RoAd"
     peft_types = ("ROAD",)
+    composes_additively = False  # PEFT applies several of them one after another
     tokens = (THETA, ALPHA)
     schemes = {
         "linear": Scheme(

@@ -1,9 +1,10 @@
-"""Shared by the families whose forward is W + scaling·ΔW(tensors): AdaLoRA, LoHa, LoKr, FourierFT.
+"""Shared by the families whose live PEFT layer keeps each saved tensor under its saved name, and by
+those whose forward is W + scaling·ΔW(tensors): AdaLoRA, LoHa, LoKr, FourierFT, GraLoRA, Peanut, PSOFT, WaveFT.
 
-In each, PEFT's live layer keeps every adapter tensor in an nn.ParameterDict named like the saved key
-(`layer.hada_w1_a[adapter]`, ...) and one scalar scale in a plain dict (`layer.scaling[adapter]`,
-FourierFT: `layer.fourierft_scaling[adapter]`). ΔW is linear in that scale and its no-op value is 0,
-so the linear scheme scaling → c·scaling gives W + c·ΔW.
+`TensorDictFamily`: the live layer holds every adapter tensor in a ParameterDict/BufferDict entry or a
+ModuleDict entry named like the saved key (`layer.hada_w1_a[adapter]`, `layer.peanut_A[adapter].weight`),
+and scalars in plain dicts (`layer.scaling[adapter]`). `ScaledDeltaFamily` adds the linear scheme for
+W + scaling·ΔW: ΔW is linear in the scale and its no-op value is 0, so scaling → c·scaling gives W + c·ΔW.
 """
 
 from __future__ import annotations
@@ -13,15 +14,35 @@ from typing import ClassVar
 import torch
 
 from ..errors import AdapterError, UnsupportedAdapterError
-from .base import AdapterFamily, ModuleState, Scheme, scale_scaling
-
-
+from .base import AdapterFamily, ModuleState, Scheme, live_tensors, scale_scaling
 
 LINEAR = Scheme("linear", "scaling → c·scaling", "0: base · 1: trained · −1: W − ΔW", scale_scaling)
 
 
-class ScaledDeltaFamily(AdapterFamily):
-    """Runtime twin and the linear scheme for a family whose state holds `scaling` plus ParameterDict tensors."""
+class TensorDictFamily(AdapterFamily):
+    """Runtime twin for a family whose live layer keeps its tensors under the saved names (see live_tensors)."""
+
+    live_scalar_names: ClassVar[dict[str, str]] = {}  # state scalar → the live layer's dict holding it
+
+    def live_scalars(self, layer: torch.nn.Module, adapter: str) -> dict[str, float]:
+        """Scalars the family's weight() reads, from the live layer."""
+        return {name: getattr(layer, attribute)[adapter] for name, attribute in self.live_scalar_names.items()}
+
+    def live_state(self, layer: torch.nn.Module, adapter: str, path: str) -> ModuleState:
+        tensors = {name: t.detach().clone() for name, t in live_tensors(layer, adapter, self.tokens).items()}
+        fan_in_fan_out = bool(getattr(layer, "fan_in_fan_out", False))
+        return ModuleState(path, tensors, self.live_scalars(layer, adapter), fan_in_fan_out=fan_in_fan_out)
+
+    def set_live_state(self, layer: torch.nn.Module, adapter: str, state: ModuleState) -> None:
+        for name, attribute in self.live_scalar_names.items():
+            getattr(layer, attribute)[adapter] = state.scalars[name]
+        for name, live in live_tensors(layer, adapter, self.tokens).items():
+            if name in state.tensors:
+                live.data.copy_(state.tensors[name])
+
+
+class ScaledDeltaFamily(TensorDictFamily):
+    """The linear scheme for a family whose state holds `scaling` (W + scaling·ΔW), plus the runtime twin."""
 
     scale_attribute: ClassVar[str] = "scaling"  # where the live layer keeps the scale
     conv_only: ClassVar[tuple[str, ...]] = ()  # tensors of PEFT's conv variants: parsed to be refused, not knobs
@@ -32,22 +53,11 @@ class ScaledDeltaFamily(AdapterFamily):
         return tuple(name for name in super().knob_names() if name not in self.conv_only)
 
     def live_scalars(self, layer: torch.nn.Module, adapter: str) -> dict[str, float]:
-        """Scalars besides `scaling` that the family's weight() reads."""
-        return {}
-
-    def live_state(self, layer: torch.nn.Module, adapter: str, path: str) -> ModuleState:
-        tensors = {
-            name: getattr(layer, name)[adapter].detach().clone()
-            for name in self.tokens
-            if adapter in getattr(layer, name, {})
-        }
-        scalars = {"scaling": getattr(layer, self.scale_attribute)[adapter], **self.live_scalars(layer, adapter)}
-        return ModuleState(path, tensors, scalars, fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)))
+        return {"scaling": getattr(layer, self.scale_attribute)[adapter], **super().live_scalars(layer, adapter)}
 
     def set_live_state(self, layer: torch.nn.Module, adapter: str, state: ModuleState) -> None:
         getattr(layer, self.scale_attribute)[adapter] = state.scalars["scaling"]
-        for name, value in state.tensors.items():
-            getattr(layer, name)[adapter].data.copy_(value)
+        super().set_live_state(layer, adapter, state)
 
 
 def require_matrix(family: str, path: str, weight_shape: tuple[int, ...]) -> None:

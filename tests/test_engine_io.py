@@ -1,0 +1,168 @@
+"""The engine's I/O and compute paths: chunked reads with several in flight, kernel read-ahead, row-block
+low-rank updates, byte-bounded queues. Oracles: the safetensors library's own reader, the unblocked fp32
+formula W + L R rounded once, hand-written rounding statistics, and PEFT's DeLoRA delta."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import DeloraConfig, PeftModel
+from safetensors.torch import load_file, save_file
+
+import weightsteer
+from weightsteer import checkpoint, engine
+from weightsteer.checkpoint import read_header, read_tensor
+from weightsteer.engine import RoundingReport, row_blocks
+
+from conftest import assert_base_identical, assert_matches_runtime, build_base, load_base, make_adapter
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_chunked_reads_in_flight_return_the_stored_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "READ_CHUNK", 1000)  # many pieces per tensor
+    tensors = {"a": torch.randn(300, 17), "b": torch.randn(5).bfloat16(), "c": torch.arange(7, dtype=torch.int64)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    expected = load_file(tmp_path / "m.safetensors")
+    _, infos = read_header(tmp_path / "m.safetensors")
+    with ThreadPoolExecutor(4) as pool:
+        for info in infos:
+            assert torch.equal(read_tensor(info, pool=pool), expected[info.name]), info.name
+            assert torch.equal(read_tensor(info, into=torch.empty(1 << 16, dtype=torch.uint8), pool=pool), expected[info.name])
+        truncated = tmp_path / "cut.safetensors"  # cut after its header was read (read_header refuses it already)
+        truncated.write_bytes((tmp_path / "m.safetensors").read_bytes()[:-100])
+        last = dataclasses.replace(max(infos, key=lambda i: i.start), file=truncated)
+        with pytest.raises(weightsteer.BaseModelError, match="truncated"):
+            read_tensor(last, pool=pool)
+
+
+def test_read_ahead_asks_for_every_byte_once_and_stops_when_closed(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "ADVISE_BYTES", 1000)
+    save_file({"a": torch.randn(1000), "b": torch.randn(10), "c": torch.randn(700)}, tmp_path / "m.safetensors")
+    _, infos = read_header(tmp_path / "m.safetensors")
+    requests = list(engine._advise_requests(infos))
+    assert requests[0][1] == infos[0].start and all(length <= 1000 for _, _, length in requests)
+    assert sum(length for _, _, length in requests) == sum(i.nbytes for i in infos)
+    assert all(a[1] + a[2] == b[1] for a, b in zip(requests, requests[1:]))  # adjacent tensors: one sequential run
+    monkeypatch.setattr(engine, "READ_AHEAD_BYTES", 1)  # the thread waits for the consumer after one request
+    with engine.ReadAhead(infos) as ahead:
+        ahead.consumed(infos[0].nbytes)
+    assert not ahead._thread.is_alive()
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 333, 4096])
+def test_row_blocks_cover_every_row_in_blocks_of_at_least_eight(rows, monkeypatch):
+    monkeypatch.setattr(engine, "CPU_BLOCK_ELEMENTS", 64)
+    blocks = row_blocks(rows, 16, torch.device("cpu"))
+    assert blocks[0][0] == 0 and blocks[-1][1] == rows
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    assert all(end - start >= min(rows, engine.MIN_BLOCK_ROWS) for start, end in blocks)
+
+
+def _one_step(coeff: float) -> SimpleNamespace:
+    """What the blocked path reads of an Edit: its steps' coeffs (for the error message)."""
+    return SimpleNamespace(steps=(SimpleNamespace(coeff=coeff),))
+
+
+def _stats_by_hand(base: torch.Tensor, target: torch.Tensor, rounded: torch.Tensor, step: int) -> tuple[float, float, float, float]:
+    """Every step-th row, weighted by step (RoundingReport's documented estimate), in float64."""
+    b, t, r = base[::step].double(), target[::step].double(), rounded[::step]
+    diff, error = t - b, r.double() - t
+    changed = int((diff != 0).sum())
+    kept = int((r != base[::step].to(r.dtype)).sum())
+    return step * changed, step * (changed - kept), step * float((diff**2).sum()), step * float((error**2).sum())
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])  # 0: blocks on the caller's thread
+def test_row_block_update_is_the_unblocked_formula_bit_for_bit(workers, monkeypatch):
+    monkeypatch.setattr(engine, "CPU_BLOCK_ELEMENTS", 96 * 10)  # ~10 rows per block: 33 blocks
+    monkeypatch.setattr(engine, "SAMPLE_ELEMENTS", 2000)  # sampled statistics: every 15th row
+    generator = torch.Generator().manual_seed(0)
+    stored = (torch.randn(333, 96, generator=generator) * 0.02).bfloat16()
+    factors = [(torch.randn(333, 4, generator=generator) * s, torch.randn(4, 96, generator=generator) * 1e-3) for s in (1.0, -0.01)]
+    edits = [_one_step(c) for c in (1.0, -0.01)]
+    results = [SimpleNamespace(rounding=RoundingReport(), changed_tensors=[]) for _ in edits]
+    tensor = SimpleNamespace(name="w")
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        outputs = engine._low_rank_blocked(tensor, stored, factors, edits, results, torch.bfloat16, pool if workers else None)
+    step = 333 * 96 // 2000
+    for (left, right), output, result in zip(factors, outputs, results):
+        target = torch.addmm(stored.float(), left, right)
+        assert torch.equal(output, target.to(torch.bfloat16))
+        changed, swallowed, change_sq, error_sq = _stats_by_hand(stored.float(), target, output, step)
+        assert (result.rounding.changed, result.rounding.swallowed) == (changed, swallowed)
+        assert result.rounding.change_norm_sq == pytest.approx(change_sq, rel=1e-5)
+        assert result.rounding.error_norm_sq == pytest.approx(error_sq, rel=1e-5)
+        assert result.changed_tensors == ["w"]
+    assert 0 < results[1].rounding.swallowed < results[1].rounding.changed  # the small change is partly swallowed
+
+
+def test_non_finite_block_is_refused():
+    stored = torch.zeros(64, 8, dtype=torch.bfloat16)
+    left, right = torch.ones(64, 1), torch.full((1, 8), float("inf"))
+    result = SimpleNamespace(rounding=RoundingReport(), changed_tensors=[])
+    with ThreadPoolExecutor(2) as pool, pytest.raises(weightsteer.AdapterError, match="Merging w at coeff 2 gives NaN or inf"):
+        engine._low_rank_blocked(SimpleNamespace(name="w"), stored, [(left, right)], [_one_step(2.0)], [result], torch.bfloat16, pool)
+
+
+@pytest.fixture
+def small_queues(monkeypatch):
+    """Every queue at its minimum and every read in pieces: the paths a real model takes, on a tiny one."""
+    monkeypatch.setattr(engine, "PREFETCH_BYTES", 1)
+    monkeypatch.setattr(engine, "WRITE_BYTES", 1)
+    monkeypatch.setattr(engine, "READ_AHEAD_BYTES", 4096)
+    monkeypatch.setattr(engine, "ADVISE_BYTES", 1024)
+    monkeypatch.setattr(engine, "CPU_BLOCK_ELEMENTS", 64 * 16)
+    monkeypatch.setattr(checkpoint, "READ_CHUNK", 2048)
+
+
+def test_sharded_bf16_merge_of_several_coeffs_matches_peft_and_the_full_tensor_path(tmp_path, small_queues, monkeypatch):
+    base = build_base("llama", tmp_path / "base", shard_size="60KB", dtype=torch.bfloat16)
+    assert len(list(base.glob("*.safetensors"))) > 1
+    adapter = make_adapter(base, tmp_path / "adapter", DeloraConfig(r=4, delora_lambda=2, target_modules=TARGETS))
+    low_rank_blocked = engine._low_rank_blocked
+    coeffs = (0.5, -1.0, 0.0)
+    outs = {c: tmp_path / f"c{c:g}" for c in coeffs}
+    blocked = []
+    monkeypatch.setattr(engine, "_low_rank_blocked", lambda tensor, *args: blocked.append(tensor.name) or low_rank_blocked(tensor, *args))
+    results = weightsteer.merge_many(adapter, outs, base=base)
+    assert len(blocked) == 7 * 2  # every projection of both layers took the row-block path
+    assert_base_identical(base, outs[0.0])
+    peft_model = PeftModel.from_pretrained(load_base(base), adapter)
+    stored = {k: v for f in base.glob("*.safetensors") for k, v in load_file(f).items()}
+    merged = {c: {k: v for f in outs[c].glob("*.safetensors") for k, v in load_file(f).items()} for c in coeffs}
+    for name, module in peft_model.named_modules():
+        if not hasattr(module, "get_delta_weight"):
+            continue
+        key = name.removeprefix("base_model.model.") + ".weight"
+        delta = module.get_delta_weight("default")  # PEFT's ΔW at λ as trained; the linear scheme scales λ by c
+        for c in (0.5, -1.0):
+            oracle = stored[key].float() + c * delta
+            ours = merged[c][key].float()
+            ulp = torch.finfo(torch.bfloat16).eps * oracle.abs().clamp(min=torch.finfo(torch.bfloat16).tiny)
+            assert ((ours - oracle).abs() <= ulp).all(), (key, c)  # one rounding of (nearly) the same fp32 value
+    assert {r.coeff for r in results if r.changed_tensors} == {0.5, -1.0}
+
+    # The full-tensor path (no row blocks) writes the very same bytes.
+    monkeypatch.setattr(engine, "_row_factors", lambda *args: None)
+    reference = {c: tmp_path / f"full-c{c:g}" for c in (0.5, -1.0)}
+    full = weightsteer.merge_many(adapter, reference, base=base)
+    for c, result in zip((0.5, -1.0), full):
+        assert_base_identical(outs[c], reference[c])
+        ours = next(r for r in results if r.coeff == c)
+        assert (ours.rounding.changed, ours.rounding.swallowed) == (result.rounding.changed, result.rounding.swallowed)
+        assert ours.rounding.relative_error == pytest.approx(result.rounding.relative_error, rel=1e-5)
+        assert ours.changed_tensors == result.changed_tensors
+    shutil.rmtree(tmp_path / "base")
+
+
+def test_copies_and_reads_interleave_in_file_order_with_minimal_queues(tmp_path, small_queues):
+    """Unchanged tensors (copied in the kernel) and changed ones (read, computed) alternate in each shard."""
+    base = build_base("llama", tmp_path / "base", shard_size="60KB")
+    adapter = make_adapter(base, tmp_path / "adapter", DeloraConfig(r=4, delora_lambda=20, target_modules=["q_proj", "down_proj"]))
+    assert_matches_runtime(base, adapter, tmp_path, [1.0, -0.5])
