@@ -1,5 +1,5 @@
-"""Tiny models built from configs, real PEFT adapters perturbed away from their init, and the
-merged-vs-runtime comparison every adapter test uses."""
+"""Tiny models built from configs, real PEFT adapters perturbed away from their init, the logits of a merged
+checkpoint and of PEFT's runtime under `scaled` (tests/test_cases.py compares them for every row of tests/cases.py)."""
 
 from __future__ import annotations
 
@@ -188,6 +188,7 @@ def perturb(model, scale: float = 0.1, seed: int = 1, around_one: tuple[str, ...
 def make_adapter(base: Path, folder: Path, config, *, scale: float = 0.1, around_one: tuple[str, ...] = (), seed: int = 1) -> Path:
     from peft import get_peft_model
 
+    torch.manual_seed(seed)  # PEFT's init draws from the global generator: the same adapter whatever ran before
     model = get_peft_model(load_base(base), config)
     perturb(model, scale, seed, around_one)
     model.save_pretrained(folder)
@@ -199,18 +200,20 @@ def make_adapter(base: Path, folder: Path, config, *, scale: float = 0.1, around
     return folder
 
 
-def runtime_logits(base: Path, adapter: Path, coeff: float, scheme: str | None = None) -> torch.Tensor:
+def runtime_logits(base: Path, adapter: Path, coeff: float, scheme: str | None = None, *, task_id: int | None = None) -> torch.Tensor:
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(load_base(base), adapter).eval()
     with torch.no_grad(), weightsteer.scaled(model, coeff, scheme=scheme):
-        return forward_logits(model)
+        return forward_logits(model, task_id)
 
 
-def forward_logits(model) -> torch.Tensor:
-    """Logits on TOKENS (seq2seq models: decoding TOKENS' first tokens as well)."""
-    decoder = {"decoder_input_ids": TOKENS[:, :6]} if model.config.is_encoder_decoder else {}
-    return model(input_ids=TOKENS, **decoder).logits
+def forward_logits(model, task_id: int | None = None) -> torch.Tensor:
+    """Logits on TOKENS (seq2seq models: decoding TOKENS' first tokens as well; Poly: for task `task_id`)."""
+    extra = {"decoder_input_ids": TOKENS[:, :6]} if model.config.is_encoder_decoder else {}
+    if task_id is not None:  # PEFT's task-typed PeftModel passes task_ids on to the Poly layers
+        extra["task_ids"] = torch.tensor([task_id])
+    return model(input_ids=TOKENS, **extra).logits
 
 
 def model_logits(path: Path) -> torch.Tensor:
@@ -219,7 +222,9 @@ def model_logits(path: Path) -> torch.Tensor:
 
 
 def assert_matches_runtime(base: Path, adapter: Path, out_root: Path, coeffs, scheme: str | None = None, atol: float = ATOL) -> dict:
-    """Merge at every coeff and compare logits with PEFT's runtime under `scaled`. Returns the max errors."""
+    """Merge at every coeff and compare logits with PEFT's runtime under `scaled`. Returns the max errors.
+
+    For tests that change the engine around a merge; an adapter case is a row of tests/cases.py instead."""
     errors = {}
     base_logits = model_logits(base)
     for c in coeffs:

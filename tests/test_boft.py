@@ -1,4 +1,5 @@
-"""BOFT family: butterfly rotations and output scale; linear and power schemes.
+"""BOFT edge cases: the power round trip, refusals, N > 1 butterfly factors. The runtime-match rows (butterfly
+rotations and output scale on Llama and Qwen2; linear and power schemes) are in tests/cases.py.
 
 PEFT on CPU only builds one butterfly factor (N = 1); N > 1 is checked here against a dense
 reconstruction that follows PEFT's get_delta_weight with PEFT's own permutation code, and on a GPU
@@ -14,29 +15,16 @@ from peft.tuners.boft.layer import BOFTLayer
 from safetensors.torch import load_file, save_file
 
 import weightsteer
-from conftest import TOKENS, assert_base_identical, assert_matches_runtime, load_base, make_adapter, model_logits
+from conftest import TOKENS, load_base, make_adapter, model_logits
 from weightsteer.adapters.base import ShapeLookup
 from weightsteer.adapters.boft import BOFT
 
-COEFFS = (-1, -0.5, 0, 0.5, 1, 2)
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def boft_adapter(bases, tmp_path, arch="llama", **options):
+def boft_adapter(bases, tmp_path, **options):
     config = BOFTConfig(boft_block_size=4, target_modules=options.pop("target_modules", ATTN_MLP), **options)
-    return make_adapter(bases(arch), tmp_path / "a", config, around_one=("boft_s",))
-
-
-@pytest.mark.parametrize("scheme", [None, "power", "delta", "knob:boft_R"])
-def test_boft_llama(bases, tmp_path, scheme):
-    adapter = boft_adapter(bases, tmp_path)
-    assert_matches_runtime(bases("llama"), adapter, tmp_path, COEFFS, scheme)
-
-
-@pytest.mark.parametrize("scheme", [None, "power"])
-def test_boft_qwen2_biases(bases, tmp_path, scheme):
-    adapter = boft_adapter(bases, tmp_path, "qwen2", target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
-    assert_matches_runtime(bases("qwen2"), adapter, tmp_path, COEFFS, scheme)
+    return make_adapter(bases("llama"), tmp_path / "a", config, around_one=("boft_s",))
 
 
 def test_boft_power_round_trip(bases, tmp_path):
@@ -47,13 +35,6 @@ def test_boft_power_round_trip(bases, tmp_path):
     with torch.no_grad():
         round_trip = PeftModel.from_pretrained(load_base(inverse), adapter).eval()(TOKENS).logits
     assert (round_trip - model_logits(base)).abs().max() < 1e-4
-
-
-def test_coeff_zero_is_base_bit_for_bit(bases, tmp_path):
-    adapter = boft_adapter(bases, tmp_path, "llama:sharded")
-    for scheme in ("linear", "power"):
-        out = weightsteer.merge(adapter, tmp_path / scheme, coeff=0, scheme=scheme)
-        assert_base_identical(bases("llama:sharded"), out)
 
 
 def test_power_refuses_fractional_coeff_with_negative_scale(bases, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 import weightsteer
 from cases import CASES
-from conftest import assert_base_identical, make_adapter, model_logits, runtime_logits
+from conftest import assert_base_identical, model_logits, runtime_logits
 
 
 def _params():
@@ -23,7 +23,7 @@ def adapters(bases, tmp_path_factory):
     def get(case):
         if case.id not in made:
             folder = tmp_path_factory.mktemp(case.id) / "adapter"
-            made[case.id] = make_adapter(bases(case.arch), folder, case.config(), scale=case.scale, around_one=case.around_one)
+            made[case.id] = case.adapter(bases(case.arch), folder)
         return made[case.id]
 
     return get
@@ -32,12 +32,12 @@ def adapters(bases, tmp_path_factory):
 @pytest.mark.parametrize(("case", "scheme"), list(_params()))
 def test_merged_matches_runtime(case, scheme, bases, adapters, tmp_path):
     base, adapter = bases(case.arch), adapters(case)
-    outputs = {c: tmp_path / f"c{c:g}" for c in case.coeffs}
-    results = weightsteer.merge_many(adapter, outputs, scheme=scheme)  # one read of the base for every coeff
+    outputs = {c: tmp_path / f"c{c:g}" for c in case.coeffs_for(scheme)}
+    results = weightsteer.merge_many(adapter, outputs, scheme=scheme, **case.options)  # one read of the base for every coeff
     base_logits = model_logits(base)
     zero_is_base = {r.coeff: not any("does not give the base" in w for w in r.warnings) for r in results}
     for c, out in outputs.items():
-        expected = runtime_logits(base, adapter, c, scheme)
+        expected = runtime_logits(base, adapter, c, scheme, **case.options)
         error = (model_logits(out) - expected).abs().max().item()
         assert error <= case.atol, f"coeff {c}: merged vs runtime max |Δlogit| = {error:.3g}"
         if c != 0:

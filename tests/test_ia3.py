@@ -1,4 +1,5 @@
-"""IA3: output placement (bias scaled) and feed-forward input placement, on Qwen2, Llama and GPT-2 Conv1D."""
+"""IA3 edge cases: which bias is scaled, power round trips, the fractional-power refusal. The runtime-match rows
+(output and feed-forward placement on Qwen2, Llama, GPT-2 Conv1D with a Linear head) are in tests/cases.py."""
 
 from __future__ import annotations
 
@@ -8,25 +9,16 @@ from peft import IA3Config, PeftModel
 from safetensors.torch import load_file, save_file
 
 import weightsteer
-from conftest import ATOL, TOKENS, assert_base_identical, assert_matches_runtime, load_base, make_adapter, model_logits
+from cases import ROWS
+from conftest import ATOL, TOKENS, load_base, make_adapter, model_logits
 
-COEFFS = (-1, -0.5, 0, 0.5, 1, 2)
 AROUND_ONE = ("ia3_l",)
-QWEN2 = IA3Config(target_modules=["k_proj", "v_proj", "o_proj", "down_proj"], feedforward_modules=["down_proj"])
-# lm_head is a Linear on a model of Conv1D layers: PEFT saves fan_in_fan_out=False for the whole adapter.
-GPT2 = IA3Config(target_modules=["c_attn", "mlp.c_proj", "lm_head"], feedforward_modules=["mlp.c_proj"])
 GPT2_CONV1D = IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"])
-LLAMA = IA3Config(target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], feedforward_modules=["down_proj"])
 
 
 @pytest.fixture
 def qwen2_adapter(bases, tmp_path):
-    return make_adapter(bases("qwen2"), tmp_path / "a", QWEN2, around_one=AROUND_ONE)
-
-
-@pytest.mark.parametrize("scheme", [None, "power", "knob:ia3_l", "delta"])
-def test_ia3_qwen2_all_schemes(bases, tmp_path, qwen2_adapter, scheme):
-    assert_matches_runtime(bases("qwen2"), qwen2_adapter, tmp_path, COEFFS, scheme)
+    return ROWS["ia3-qwen2-bias"].adapter(bases("qwen2"), tmp_path / "a")
 
 
 def test_ia3_scales_output_bias_only(bases, tmp_path, qwen2_adapter):
@@ -38,32 +30,16 @@ def test_ia3_scales_output_bias_only(bases, tmp_path, qwen2_adapter):
     assert "model.layers.0.mlp.down_proj.weight" in changed
 
 
-@pytest.mark.parametrize("scheme", [None, "power"])
-def test_ia3_gpt2_conv1d_and_linear_head(bases, tmp_path, scheme):
-    adapter = make_adapter(bases("gpt2"), tmp_path / "a", GPT2, around_one=AROUND_ONE)
-    assert_matches_runtime(bases("gpt2"), adapter, tmp_path, COEFFS, scheme)
-
-
-@pytest.mark.parametrize("scheme", [None, "power"])
-def test_ia3_llama(bases, tmp_path, scheme):
-    adapter = make_adapter(bases("llama"), tmp_path / "a", LLAMA, around_one=AROUND_ONE)
-    assert_matches_runtime(bases("llama"), adapter, tmp_path, COEFFS, scheme)
-
-
-@pytest.mark.parametrize("scheme", [None, "power"])
-def test_coeff_zero_is_base_bit_for_bit(bases, tmp_path, qwen2_adapter, scheme):
-    out = weightsteer.merge(qwen2_adapter, tmp_path / "zero", coeff=0, scheme=scheme)
-    assert_base_identical(bases("qwen2"), out)
-
-
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
 def test_power_round_trip(bases, tmp_path, arch):
     """Merged at c = −1, then PEFT's adapter at c = +1 on top of it, gives the original base back.
 
     (Not with lm_head targeted: PEFT saves the head's base weight in the adapter and loads it over the merged one.)
     """
-    config = QWEN2 if arch == "qwen2" else GPT2_CONV1D
-    adapter = make_adapter(bases(arch), tmp_path / "a", config, around_one=AROUND_ONE)
+    if arch == "qwen2":
+        adapter = ROWS["ia3-qwen2-bias"].adapter(bases(arch), tmp_path / "a")
+    else:
+        adapter = make_adapter(bases(arch), tmp_path / "a", GPT2_CONV1D, around_one=AROUND_ONE)
     inverse = weightsteer.merge(adapter, tmp_path / "inverse", coeff=-1, scheme="power")
     model = PeftModel.from_pretrained(load_base(inverse), adapter).eval()
     with torch.no_grad():

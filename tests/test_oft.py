@@ -1,4 +1,6 @@
-"""OFT family: Cayley–Neumann (default) and exact Cayley, block_share, coft, embeddings; linear and power schemes."""
+"""OFT edge cases: the untied embedding, power round trips, the Cayley maps against references, refusals. The
+runtime-match rows (Cayley–Neumann and exact Cayley, block_share, coft, embeddings, the quarter-turn hook; linear
+and power schemes) are in tests/cases.py."""
 
 from __future__ import annotations
 
@@ -8,58 +10,26 @@ import math
 import pytest
 import torch
 from peft import OFTConfig, PeftModel
-from safetensors.torch import load_file, save_file
 
 import weightsteer
-from conftest import TOKENS, assert_base_identical, assert_matches_runtime, load_base, make_adapter, model_logits
+from cases import ROWS
+from conftest import TOKENS, load_base, make_adapter, model_logits
 from weightsteer.adapters.oft import OFT
 
-COEFFS = (-1, -0.5, 0, 0.5, 1, 2)
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def oft_adapter(bases, tmp_path, arch="llama", **options):
+def oft_adapter(bases, tmp_path, **options):
     scale = options.pop("scale", 0.1)
     config = OFTConfig(oft_block_size=16, target_modules=options.pop("target_modules", ATTN_MLP), **options)
-    return make_adapter(bases(arch), tmp_path / "a", config, scale=scale)
+    return make_adapter(bases("llama"), tmp_path / "a", config, scale=scale)
 
 
-@pytest.mark.parametrize("scheme", [None, "power", "delta", "knob:oft_R"])
-def test_oft_neumann_llama(bases, tmp_path, scheme):
-    adapter = oft_adapter(bases, tmp_path)
-    assert_matches_runtime(bases("llama"), adapter, tmp_path, COEFFS, scheme)
-
-
-@pytest.mark.parametrize("scheme", [None, "power"])
-def test_oft_exact_cayley_qwen2(bases, tmp_path, scheme):
-    adapter = oft_adapter(bases, tmp_path, "qwen2", use_cayley_neumann=False)
-    assert_matches_runtime(bases("qwen2"), adapter, tmp_path, COEFFS, scheme)
-
-
-@pytest.mark.parametrize("neumann", [True, False])
-def test_oft_block_share(bases, tmp_path, neumann):
-    adapter = oft_adapter(bases, tmp_path, block_share=True, use_cayley_neumann=neumann)
-    tensors = load_file(adapter / "adapter_model.safetensors")
-    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.oft_R.weight"].shape[0] == 1
-    for scheme in (None, "power"):
-        assert_matches_runtime(bases("llama"), adapter, tmp_path, COEFFS, scheme)
-
-
-def test_oft_coft_projects_like_peft(bases, tmp_path):
-    # eps chosen so that the trained rows (‖Q_k‖_F ≈ 1.5) lie well outside the ball: the projection matters.
-    adapter = oft_adapter(bases, tmp_path, coft=True, eps=2.0, target_modules=["q_proj", "v_proj"])
-    for scheme in (None, "power"):
-        assert_matches_runtime(bases("llama"), adapter, tmp_path, COEFFS, scheme)
-
-
-@pytest.mark.parametrize("arch", ["llama", "llama_tied"])
-def test_oft_embedding(bases, tmp_path, arch):
-    adapter = oft_adapter(bases, tmp_path, arch, target_modules=["embed_tokens", "q_proj"])
-    for scheme in (None, "power"):
-        assert_matches_runtime(bases(arch), adapter, tmp_path, COEFFS, scheme)
-    if arch == "llama_tied":  # the forward rotates only the lookup: the head keeps E, the checkpoint is untied
-        out = weightsteer.merge(adapter, tmp_path / "m", coeff=1)
-        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+def test_oft_embedding_unties_a_tied_head(bases, tmp_path):
+    """The forward rotates only the lookup: the head keeps E, the checkpoint is untied."""
+    adapter = ROWS["oft-embedding-llama_tied"].adapter(bases("llama_tied"), tmp_path / "a")
+    out = weightsteer.merge(adapter, tmp_path / "m", coeff=1)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
 
 
 def test_oft_embedding_is_right_rotation():
@@ -109,17 +79,6 @@ def test_oft_linear_inverts_only_exact_cayley(bases, tmp_path):
     assert errors[False] < 1e-4 < errors[True]
 
 
-def test_oft_power_runtime_falls_back_to_hook(bases, tmp_path):
-    """Exact Cayley, a block turning a plane by π/2: R² has eigenvalue −1, no Q gives it, the runtime uses a hook."""
-    adapter = oft_adapter(bases, tmp_path, use_cayley_neumann=False, target_modules=["q_proj"])
-    tensors = load_file(adapter / "adapter_model.safetensors")
-    key = "base_model.model.model.layers.0.self_attn.q_proj.oft_R.weight"
-    tensors[key][0] = 0.0
-    tensors[key][0, 0] = 1.0  # Q = [[0, 1], [−1, 0]] in the first plane: R turns it by exactly π/2
-    save_file(tensors, adapter / "adapter_model.safetensors")
-    assert_matches_runtime(bases("llama"), adapter, tmp_path, (2, -2), "power")
-
-
 def test_neumann_series_matches_peft_term_for_term():
     from peft.tuners.oft.layer import OFTRotationModule
 
@@ -131,13 +90,6 @@ def test_neumann_series_matches_peft_term_for_term():
         state = OFT()._state({"num_cayley_neumann_terms": terms}, "x", {"oft_R": rows})
         weight = torch.eye(15)
         torch.testing.assert_close(OFT().weight(state, weight), torch.block_diag(*expected).T, atol=1e-6, rtol=0)
-
-
-def test_coeff_zero_is_base_bit_for_bit(bases, tmp_path):
-    adapter = oft_adapter(bases, tmp_path, "llama:sharded")
-    for scheme in ("linear", "power"):
-        out = weightsteer.merge(adapter, tmp_path / scheme, coeff=0, scheme=scheme)
-        assert_base_identical(bases("llama:sharded"), out)
 
 
 def test_pre_014_oft_is_refused(bases, tmp_path):

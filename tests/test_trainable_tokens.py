@@ -1,4 +1,6 @@
-"""TrainableTokens: retrained embedding rows, untied and tied (the head shares the rows)."""
+"""TrainableTokens edge cases, alone and beside a LoRA (trainable_token_indices): a tied checkpoint stays tied
+unless the head has rows of its own, the runtime restores the rows exactly, rows not matching the config are
+refused. The runtime-match rows (untied and tied, every scheme) are in tests/cases.py."""
 
 from __future__ import annotations
 
@@ -6,21 +8,12 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel, TrainableTokensConfig
+from peft import LoraConfig, PeftModel, TrainableTokensConfig
 from safetensors.torch import load_file
 
 import weightsteer
-from conftest import TOKENS, assert_base_identical, assert_matches_runtime, load_base, make_adapter
-
-COEFFS = (-1, -0.5, 0, 0.5, 1, 2)
-TOKEN_IDS = [1, 5, 9, 42, 100]  # all occur in conftest.TOKENS
-
-
-@pytest.mark.parametrize("arch", ["llama", "llama_tied"])
-@pytest.mark.parametrize("scheme", [None, "delta", "knob:trainable_tokens_delta"])
-def test_all_schemes(bases, tmp_path, arch, scheme):
-    adapter = make_adapter(bases(arch), tmp_path / "a", TrainableTokensConfig(token_indices=TOKEN_IDS))
-    assert_matches_runtime(bases(arch), adapter, tmp_path, COEFFS, scheme)
+from cases import ROWS, TOKEN_IDS
+from conftest import TOKENS, assert_base_identical, load_base, make_adapter
 
 
 def test_tied_stays_tied(bases, tmp_path):
@@ -34,9 +27,20 @@ def test_tied_stays_tied(bases, tmp_path):
     assert changed.nonzero().flatten().tolist() == TOKEN_IDS
 
 
-def test_coeff_zero_is_base_bit_for_bit(bases, tmp_path):
-    adapter = make_adapter(bases("llama_tied"), tmp_path / "a", TrainableTokensConfig(token_indices=TOKEN_IDS))
-    assert_base_identical(bases("llama_tied"), weightsteer.merge(adapter, tmp_path / "zero", coeff=0))
+def test_lora_token_rows_tied_stays_tied(bases, tmp_path):
+    base = bases("llama_tied")
+    config = LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": TOKEN_IDS})
+    adapter = make_adapter(base, tmp_path / "a", config)
+    out = weightsteer.merge(adapter, tmp_path / "m", coeff=1)
+    assert (out / "config.json").read_bytes() == (base / "config.json").read_bytes()
+    assert "lm_head.weight" not in load_file(out / "model.safetensors")
+    assert_base_identical(base, weightsteer.merge(adapter, tmp_path / "zero", coeff=0))
+
+
+def test_lora_token_rows_tied_with_separate_head_rows_unties(bases, tmp_path):
+    adapter = ROWS["lora-token-rows-tied-separate-head"].adapter(bases("llama_tied"), tmp_path / "a")
+    out = weightsteer.merge(adapter, tmp_path / "m", coeff=1)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
 
 
 def test_runtime_restores_rows_exactly(bases, tmp_path):

@@ -1,7 +1,7 @@
-"""VeRA family: saved and regenerated projections, Llama, Qwen2 (biases), GPT-2 Conv1D, refusals."""
+"""VeRA edge cases: biases untouched, regenerated projections equal PEFT's, refusals. The runtime-match rows
+(saved and regenerated projections, Llama, Qwen2, GPT-2 Conv1D) are in tests/cases.py."""
 
 from __future__ import annotations
-
 
 import pytest
 import torch
@@ -9,41 +9,20 @@ from peft import PeftModel, VeraConfig
 from safetensors.torch import load_file, save_file
 
 import weightsteer
-from conftest import assert_base_identical, assert_matches_runtime, load_base, make_adapter
+from cases import ROWS
+from conftest import load_base, make_adapter
 from weightsteer.adapters import load_adapter
 from weightsteer.adapters.base import ShapeLookup
 
-COEFFS = (-1, -0.5, 0, 0.5, 1, 2)
-ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GPT2_ALL = ["c_attn", "c_proj", "c_fc"]
 WEIGHTS = "adapter_model.safetensors"
 
 
-@pytest.mark.parametrize("scheme", [None, "delta", "knob:vera_lambda_d"])
-def test_vera_llama_saved_projections(bases, tmp_path, scheme):
-    config = VeraConfig(r=8, target_modules=ATTN_MLP, save_projection=True)
-    adapter = make_adapter(bases("llama"), tmp_path / "a", config)
-    assert "base_model.vera_A" in load_file(adapter / WEIGHTS)
-    assert_matches_runtime(bases("llama"), adapter, tmp_path, COEFFS, scheme)
-
-
-@pytest.mark.parametrize("scheme", [None, "delta", "knob:vera_lambda_b"])
-def test_vera_qwen2_regenerated_biases_untouched(bases, tmp_path, scheme):
-    config = VeraConfig(r=8, target_modules=ATTN_MLP, save_projection=False, projection_prng_key=7)
-    adapter = make_adapter(bases("qwen2"), tmp_path / "a", config)
-    assert_matches_runtime(bases("qwen2"), adapter, tmp_path, COEFFS, scheme)
+def test_vera_qwen2_biases_untouched(bases, tmp_path):
+    adapter = ROWS["vera-regenerated-qwen2-bias"].adapter(bases("qwen2"), tmp_path / "a")
     out = weightsteer.merge(adapter, tmp_path / "m", coeff=1)
     merged, base = load_file(out / "model.safetensors"), load_file(bases("qwen2") / "model.safetensors")
     biases = [name for name in base if name.endswith(".bias")]
     assert biases and all(torch.equal(merged[n], base[n]) for n in biases)
-
-
-@pytest.mark.parametrize("scheme", [None, "delta", "knob:vera_lambda_d"])
-def test_vera_conv1d_gpt2_regenerated(bases, tmp_path, scheme):
-    config = VeraConfig(r=8, target_modules=GPT2_ALL, fan_in_fan_out=True, save_projection=False, projection_prng_key=3)
-    adapter = make_adapter(bases("gpt2"), tmp_path / "a", config)
-    assert not any(k.startswith("base_model.vera_") for k in load_file(adapter / WEIGHTS))
-    assert_matches_runtime(bases("gpt2"), adapter, tmp_path, COEFFS, scheme)
 
 
 @pytest.mark.parametrize("arch, targets", [("gpt2", ["c_attn", "c_fc"]), ("llama", ["k_proj", "down_proj"])])
@@ -57,12 +36,6 @@ def test_regenerated_projections_equal_peft(bases, tmp_path, arch, targets):
     peft_model = PeftModel.from_pretrained(load_base(bases(arch)), adapter_path)
     for name in ("vera_A", "vera_B"):
         assert torch.equal(state.tensors[name], getattr(peft_model.base_model, name)["default"]), name
-
-
-def test_coeff_zero_is_base_bit_for_bit(bases, tmp_path):
-    adapter = make_adapter(bases("llama:sharded"), tmp_path / "a", VeraConfig(r=8, target_modules=ATTN_MLP))
-    out = weightsteer.merge(adapter, tmp_path / "zero", coeff=0)
-    assert_base_identical(bases("llama:sharded"), out)
 
 
 def test_wrong_lambda_b_length_is_refused(bases, tmp_path):
