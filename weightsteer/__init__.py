@@ -14,6 +14,7 @@ from .errors import (  # noqa: E402
     PushError,
     RecipeError,
     SchemeError,
+    SweepError,
     UnsupportedAdapterError,
     VerificationError,
     WeightsteerError,
@@ -30,6 +31,9 @@ _LAZY = {
     "Steer": "merge",
     "build": "recipe",
     "scaled": "runtime",
+    "sweep": "sweep",
+    "SweepReport": "sweep",
+    "SweepPoint": "sweep",
     "verify": "verify",
     "VerifyReport": "verify",
     "TensorCheck": "verify",
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
     from .merge import MergeResult, RoundingReport, Steer, merge, merge_many
     from .recipe import build
     from .runtime import scaled
+    from .sweep import SweepPoint, SweepReport, sweep
     from .verify import LogitsCheck, TensorCheck, VerifyReport, verify
 
 
@@ -82,10 +87,13 @@ __all__ = [
     "build",
     "Steer",
     "scaled",
+    "sweep",
     "verify",
     "push",
     "MergeResult",
     "RoundingReport",
+    "SweepReport",
+    "SweepPoint",
     "VerifyReport",
     "TensorCheck",
     "LogitsCheck",
@@ -98,4 +106,5 @@ __all__ = [
     "VerificationError",
     "PushError",
     "RecipeError",
+    "SweepError",
 ]

@@ -59,9 +59,19 @@ def _license_from_text(text: str) -> str | None:
 def record_verification(folder: Path, verification: Mapping, **card_options) -> None:
     """Store a verification summary (`VerifyReport.to_dict()`, or NOT_VERIFIED) in weightsteer.json and
     rewrite the card. card_options go to `write_card`."""
+    _record(folder, "verification", _without_local_paths(verification), **card_options)
+
+
+def record_calibration(folder: Path, calibration: Mapping) -> None:
+    """Store how a kl:K coeff was found (`weightsteer.sweep.Calibration.to_dict()`) in weightsteer.json and
+    rewrite the card, which then states it."""
+    _record(folder, "calibration", dict(calibration))
+
+
+def _record(folder: Path, key: str, value: dict, **card_options) -> None:
     path = folder / PROVENANCE_NAME
     provenance = json.loads(path.read_text())
-    provenance["verification"] = _without_local_paths(verification)
+    provenance[key] = value
     path.write_text(json.dumps(provenance, indent=2) + "\n")
     write_card(folder, **card_options)
 
@@ -153,6 +163,8 @@ def _introduction(provenance: dict, title: str) -> str:
             f"relative error of the change {rounding['relative_error']:.2%}",
         ),
     ]
+    if calibration := provenance.get("calibration"):
+        rows.append(("calibration", _calibration_text(calibration)))
     if dropped := result.get("dropped_files"):
         files = ", ".join(f"`{n}`" for n in dropped)
         rows.append(("not copied from the base", f"{files}: weights in other formats or copies, which this merge did not rewrite"))
@@ -165,6 +177,16 @@ no extra compute.
 
 {table}
 """
+
+
+def _calibration_text(calibration: dict) -> str:
+    """How a kl:K coeff was found, e.g. "coeff 0.709, calibrated to p95 KL 1.0 nat on 16 prompts (...)"."""
+    point = calibration["point"]
+    return (
+        f"coeff {calibration['coeff']:g}, calibrated to p95 KL {float(calibration['target_kl'])} nat on "
+        f"{calibration['prompts']} prompts ({calibration['tokens']} greedy tokens each; measured p95 KL "
+        f"{point['kl_p95']:.3g}, mean {point['kl_mean']:.3g}) by `weightsteer sweep`"
+    )
 
 
 _COMPOSE_TEXT = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import string
 import sys
@@ -72,6 +73,22 @@ def coeff_text(c: float) -> str:
     return text[:-2] if text.endswith(".0") else text
 
 
+class CoeffType(click.ParamType):
+    """A coeff: a number, or a KL budget kl:K (positive pole) / -kl:K (negative pole) that a calibration resolves."""
+
+    name = "COEFF"
+
+    def convert(self, value, param, ctx):
+        from .calibration import KLTarget, read_coeff
+
+        if isinstance(value, (float, KLTarget)):
+            return value
+        try:
+            return read_coeff(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
 def per_coeff(name: str, coeffs: tuple[float, ...]) -> dict[float, str]:
     """One name per coeff: NAME as is for one coeff; NAME-c<coeff> (or a {coeff} placeholder) for several.
 
@@ -132,7 +149,17 @@ def main() -> None:
 @main.command()
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[@COEFF]...")
 @click.option("-o", "--output", required=True, help="Output folder. With several --coeff: OUTPUT-c<coeff>, or use {coeff} in it.")
-@click.option("-c", "--coeff", "coeffs", type=float, multiple=True, help="Strength; repeat for several checkpoints from one read of the base [default: 1].")
+@click.option(
+    "-c",
+    "--coeff",
+    "coeffs",
+    type=CoeffType(),
+    multiple=True,
+    help="Strength; repeat for several checkpoints from one read of the base [default: 1]. kl:K (-kl:K for the negative "
+    "pole) merges at the coeff whose p95 KL to the base is K nats, found first by a calibration (see `weightsteer sweep`).",
+)
+@click.option("--kl-prompts", type=click.Path(exists=True, dir_okay=False), help="With --coeff kl:K: prompts the calibration measures on, one a line or JSONL with \"prompt\" [default: built-in chat prompts].")
+@click.option("--kl-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="With --coeff kl:K: greedy tokens generated per prompt.")
 @click.option("--base", help="Base model folder or Hub repo id [default: the adapters' base_model_name_or_path].")
 @click.option("--base-id", metavar="ORG/NAME", help=BASE_ID_HELP)
 @click.option("--scheme", help="How coeff is read (see `weightsteer schemes`), for every adapter [default: linear].")
@@ -166,8 +193,8 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
 @_fail_cleanly
 def merge(
-    adapters, output, coeffs, base, base_id, scheme, compose, dtype, device, task_id, overwrite, verify_mode, push_to, private,
-    revision, create_pr, gguf, outtype, llama_cpp, quiet, as_json
+    adapters, output, coeffs, kl_prompts, kl_tokens, base, base_id, scheme, compose, dtype, device, task_id, overwrite, verify_mode,
+    push_to, private, revision, create_pr, gguf, outtype, llama_cpp, quiet, as_json
 ) -> None:
     """Merge ADAPTER (folder or Hub repo id) into its base model and write standalone checkpoints.
 
@@ -189,13 +216,21 @@ def merge(
       weightsteer merge ./honest-adapter --coeff 0.5 -o ./model-honest --push user/model-honest --private
       weightsteer merge ./honest-adapter --coeff -1 --coeff 1 -o ./model-honest --gguf --outtype q8_0
       weightsteer merge honesty.gguf --base ./Llama-3.2-1B --coeff 4 -o ./model-honest
+      weightsteer merge ./honest-adapter --coeff kl:1.0 --coeff=-kl:1.0 -o ./model-honest
     """
     from .merge import Steer, Target
     from .pipeline import publish_targets
 
     terms = [_term(a) for a in adapters]
+    progress = not (quiet or as_json)
+    calibrations = {}
     if len(terms) == 1 and terms[0][1] is None:
-        paths = output_paths(output, coeffs or (1.0,))
+        coeffs, calibrations = _resolve_kl_coeffs(
+            terms[0][0], coeffs or (1.0,), output=output, push_to=push_to, overwrite=overwrite, revision=revision,
+            create_pr=create_pr, kl_prompts=kl_prompts, tokens=kl_tokens, base=base, scheme=scheme, dtype=dtype,
+            device=device, task_id=task_id, progress=progress,
+        )
+        paths = output_paths(output, coeffs)
         repos = _push_targets(push_to, tuple(paths), private=private, revision=revision, create_pr=create_pr)
         targets = [Target(path, (Steer(terms[0][0], c, scheme),), compose) for c, path in paths.items()]
         pushes = [repos.get(c) for c in paths]
@@ -210,7 +245,6 @@ def merge(
         steers = tuple(Steer(ref, 1.0 if c is None else c, scheme) for ref, c in terms)
         targets = [Target(Path(composition_name(output, "--output")), steers, compose)]
         pushes = [composition_name(push_to, "--push") if push_to is not None else None]
-    progress = not (quiet or as_json)
     published = publish_targets(
         targets,
         pushes,
@@ -228,8 +262,33 @@ def merge(
         outtype=outtype,
         llama_cpp=llama_cpp,
         progress=progress,
+        calibrations=[calibrations.get(target.steers[0].coeff) for target in targets] if calibrations else (),
     )
     _report(published, outtype, quiet, as_json)
+
+
+def _resolve_kl_coeffs(
+    adapter, coeffs, *, output, push_to, overwrite, revision, create_pr, kl_prompts, **calibration
+) -> tuple[tuple[float, ...], dict[float, dict]]:
+    """kl:K coeffs → the coeffs a calibration finds (after the checks that need no coeff, so those fail fast)."""
+    from .calibration import KLTarget
+
+    if not any(isinstance(c, KLTarget) for c in coeffs):
+        if kl_prompts:
+            raise click.UsageError("--kl-prompts goes with --coeff kl:K.")
+        return coeffs, {}
+    from .hub import check_push_target
+    from .outputs import check_existing
+    from .pipeline import calibrate_coeffs
+    from .sweep import read_prompts
+
+    if push_to:
+        check_push_target(push_to.replace("{coeff}", "1"), revision=revision, create_pr=create_pr)
+    if len(coeffs) == 1 and len(_placeholder_pieces(output)) == 1:
+        check_existing(Path(output), overwrite)
+    prompts = read_prompts(kl_prompts) if kl_prompts else None
+    found, calibrations = calibrate_coeffs(adapter, coeffs, prompts=prompts, **calibration)
+    return tuple(found), calibrations
 
 
 def _term(argument: str) -> tuple[str, float | None]:
@@ -341,6 +400,12 @@ def _print_published(item: Published, outtype: str) -> None:
             f"  its card has no base_model link: the base {provenance['base_model']} is a local folder with no known "
             "Hub id (--base-id org/name sets it)"
         )
+    if item.calibration:
+        cal = item.calibration
+        click.echo(
+            f"  calibrated: coeff {r.coeff:g} gives p95 KL {cal['point']['kl_p95']:.3g} nat (target {cal['target_kl']:g}) "
+            f"on {cal['prompts']} prompts × {cal['tokens']} tokens"
+        )
     if item.gguf:
         click.echo(f"wrote {item.gguf.path}  (GGUF {outtype}, llama.cpp's convert_hf_to_gguf.py)")
     if item.verification:
@@ -358,6 +423,81 @@ def _push_targets(
             raise click.UsageError("--private, --revision and --create-pr go with --push.")
         return {}
     return per_coeff(push_to, coeffs)
+
+
+def _coeff_list(ctx, param, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(float(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers, e.g. -1,-0.5,0,0.5,1.") from None
+
+
+@main.command("sweep")
+@click.argument("adapter")
+@click.option("--coeffs", callback=_coeff_list, metavar="C,C,...", help="Coeffs to measure, comma-separated (write --coeffs=-2,-1,... for negative first values) [default: -2,-1.5,-1,-0.5,-0.25,0,0.25,0.5,1,1.5,2].")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), help="Prompts, one a line or JSONL with a \"prompt\" field [default: built-in neutral chat prompts].")
+@click.option("--tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Greedy tokens generated per prompt.")
+@click.option("--pairs", type=click.Path(exists=True, dir_okay=False), help="JSONL with prompt, positive, negative: adds the margin log p(positive) − log p(negative).")
+@click.option("--target-kl", type=click.FloatRange(min=0, min_open=True), metavar="K", help="Find c_pos / c_neg whose p95 KL to the base is K nats (within 2 %), up to |c| = 8.")
+@click.option("--base", help="Base model folder or Hub repo id [default: the adapter's base_model_name_or_path].")
+@click.option("--scheme", help="How coeff is read (see `weightsteer schemes`) [default: linear].")
+@click.option("--device", help="Where the model runs [default: cuda if available, else cpu].")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Model dtype [default: float32 on the CPU, the base's elsewhere].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Prompts per forward.")
+@click.option("--chat-template/--no-chat-template", default=True, help="Wrap prompts in the tokenizer's chat template when it has one [default: on].")
+@click.option("--task-id", type=int, help="Poly adapters: the task whose skill mix is measured.")
+@click.option("-o", "--output", metavar="DIR", help="Folder for sweep.json, sweep.png, report.md [default: ./sweep-<adapter folder name>].")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no table.")
+@click.option("--json", "as_json", is_flag=True, help="Print sweep.json's object on stdout.")
+@_fail_cleanly
+def sweep_command(
+    adapter, coeffs, prompts, tokens, pairs, target_kl, base, scheme, device, dtype, batch_size, chat_template, task_id, output, quiet,
+    as_json
+) -> None:
+    """Measure what each coeff of ADAPTER does, without writing a checkpoint, and plot it.
+
+    For every coeff, the adapter at that strength (the runtime twin of a merge) decodes greedily on each
+    prompt; at every generated position the KL of its next-token distribution to the base's (adapter off)
+    is measured, plus how surprising the text is to the base (nll_base), its bigram diversity (distinct2)
+    and, with --pairs, the log-prob margin of positive over negative completions. --target-kl K finds the
+    coeff of each pole whose p95 KL is K nats; `merge --coeff kl:K` merges there.
+
+    \b
+    Examples:
+      weightsteer sweep ./honest-adapter
+      weightsteer sweep ./honest-adapter --coeffs=-2,-1,-0.5,0,0.5,1,2 --prompts prompts.txt --pairs pairs.jsonl --target-kl 1.0 -o ./sweep-honest
+      weightsteer merge ./honest-adapter --coeff kl:1.0 --coeff=-kl:1.0 -o ./honest
+    """
+    from .sweep import DEFAULT_COEFFS, PLOT_HINT, check_sweep_folder, read_pairs, read_prompts, sweep
+
+    folder = check_sweep_folder(output or f"sweep-{Path(adapter.rstrip('/')).name}")
+    report = sweep(
+        adapter,
+        coeffs=coeffs or DEFAULT_COEFFS,
+        prompts=read_prompts(prompts) if prompts else None,
+        tokens=tokens,
+        pairs=read_pairs(pairs) if pairs else None,
+        target_kl=target_kl,
+        base=base,
+        scheme=scheme,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        chat_template=chat_template,
+        task_id=task_id,
+        progress=not (quiet or as_json),
+    )
+    plot = importlib.util.find_spec("matplotlib") is not None
+    written = report.write(folder, plot=plot)
+    if not plot:
+        click.secho(f"warning: {folder}/sweep.png not written: the plot needs matplotlib: {PLOT_HINT}", fg="yellow", err=True)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    elif not quiet:
+        click.echo(report.table())
+        click.echo(f"wrote {', '.join(str(p) for p in written)}")
 
 
 @main.command("verify")

@@ -80,5 +80,9 @@ class ConverterError(WeightsteerError):
     """An external converter (llama.cpp's convert_hf_to_gguf.py, convert_lora_to_gguf.py) is missing or failed."""
 
 
+class SweepError(WeightsteerError):
+    """A sweep's inputs (coeffs, prompts, pairs, KL budget, output folder) are invalid, or a plot cannot be drawn."""
+
+
 class RecipeError(WeightsteerError):
     """A recipe file is malformed: an unknown key, a missing path, a coeff that is not a number, ..."""

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .card import record_verification
-from .errors import VerificationError
+from .card import record_calibration, record_verification
+from .errors import SweepError, VerificationError
 from .hub import check_push_target, push, repo_url
 from .llamacpp import GGUFResult, check_converter, convert_model
 from .merge import MergeResult, Steer, Target, finite_coeff, merge_targets
+from .calibration import KLTarget
 from .verify import VerifyReport, verify
 
 PathLike = str | os.PathLike
@@ -27,12 +28,35 @@ class Published:
     verification: VerifyReport | None = None
     gguf: GGUFResult | None = None
     url: str | None = None
+    calibration: Mapping | None = None  # how a kl:K coeff was found (Calibration.to_dict())
 
     def to_dict(self) -> dict:
         return self.merge.to_dict() | {
             "verification": self.verification.to_dict() if self.verification else None,
             "url": self.url,
-        } | ({"gguf": self.gguf.to_dict()} if self.gguf else {})
+        } | ({"gguf": self.gguf.to_dict()} if self.gguf else {}) | ({"calibration": self.calibration} if self.calibration else {})
+
+
+def calibrate_coeffs(
+    adapter: PathLike, coeffs: Sequence[float | KLTarget], **options
+) -> tuple[list[float], dict[float, dict]]:
+    """Replace every KLTarget of `coeffs` by the coeff a calibration finds (one model load for all of them).
+
+    Returns the coeffs in order and, for each calibrated one, its record for weightsteer.json (pass it to
+    merge_and_publish(calibrations=...)). options go to `weightsteer.sweep.calibrate` (prompts, tokens, base,
+    scheme, device, dtype, task_id, progress); a budget that cannot be reached raises SweepError with the reason.
+    """
+    targets = [c for c in coeffs if isinstance(c, KLTarget)]
+    if not targets:
+        return [float(c) for c in coeffs], {}
+    from .sweep import calibrate
+
+    found = {c.target: c for c in calibrate(adapter, list(dict.fromkeys(targets)), **options)}
+    failed = [f"coeff {t}: {c.reason}" for t, c in found.items() if c.coeff is None]
+    if failed:
+        raise SweepError("; ".join(failed) + ". Choose a smaller budget or give the coeff as a number.")
+    resolved = [found[c].coeff if isinstance(c, KLTarget) else float(c) for c in coeffs]
+    return resolved, {c.coeff: c.to_dict() for c in found.values()}
 
 
 def merge_and_publish(
@@ -41,15 +65,17 @@ def merge_and_publish(
     *,
     scheme: str | None = None,
     push_to: Mapping[float, str] | None = None,
+    calibrations: Mapping[float, Mapping] | None = None,
     **options,
 ) -> list[Published]:
     """Merge at every coeff of `outputs` (coeff → folder) from one read of the base, then convert, verify and push.
 
-    push_to maps coeffs to Hub repo ids; the other options are those of `publish_targets`.
+    push_to maps coeffs to Hub repo ids; calibrations (from `calibrate_coeffs`) maps coeffs to how they were
+    found; the other options are those of `publish_targets`.
     """
-    repos = dict(push_to or {})
+    repos, found = dict(push_to or {}), dict(calibrations or {})
     targets = [Target(Path(path), (Steer(adapter, finite_coeff(c), scheme),)) for c, path in outputs.items()]
-    return publish_targets(targets, [repos.get(c) for c in outputs], **options)
+    return publish_targets(targets, [repos.get(c) for c in outputs], calibrations=[found.get(c) for c in outputs], **options)
 
 
 def publish_targets(
@@ -70,11 +96,13 @@ def publish_targets(
     outtype: str = "f32",
     llama_cpp: PathLike | None = None,
     progress: bool = False,
+    calibrations: Sequence[Mapping | None] = (),
 ) -> list[Published]:
     """Write every target from one read of the base, then convert, verify and push.
 
     push_to gives a Hub repo id (or None) per target. verify_outputs=True verifies every output; None only
-    those pushed; False pushes unverified (the card says so).
+    those pushed; False pushes unverified (the card says so). calibrations gives, per target, how a kl:K coeff
+    was found (or None): it goes into weightsteer.json and the card.
     """
     repos = {i: repo for i, repo in enumerate(push_to) if repo}
     for repo in repos.values():
@@ -84,8 +112,10 @@ def publish_targets(
     results = merge_targets(
         targets, base=base, base_id=base_id, dtype=dtype, device=device, overwrite=overwrite, progress=progress, task_id=task_id
     )
-    published = [Published(r) for r in results]
+    published = [Published(r, calibration=c) for r, c in zip(results, calibrations or [None] * len(results), strict=True)]
     for item in published:
+        if item.calibration:
+            record_calibration(item.merge.path, item.calibration)
         if gguf:
             item.gguf = convert_model(item.merge.path, outtype=outtype, llama_cpp=llama_cpp, overwrite=overwrite)
     if verify_outputs or (verify_outputs is None and repos):
