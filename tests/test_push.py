@@ -70,6 +70,16 @@ def test_merge_push_roundtrip(hub, adapter, tmp_path, caplog):
     assert_token_nowhere(tmp_path, caplog)
 
 
+def test_push_without_output_writes_the_repo_name_first(hub, adapter, tmp_path, monkeypatch):
+    """`weightsteer merge ADAPTER --coeff 0.5 --push user/model-honest`, as the project's one-line promise reads."""
+    monkeypatch.chdir(tmp_path)
+    result = run("merge", adapter, "--coeff", "0.5", "--push", "user/model-honest")
+    assert result.exit_code == 0, result.output
+    assert torch.equal(model_logits(snapshot_download("user/model-honest")), model_logits(tmp_path / "model-honest"))
+    missing = run("merge", adapter, "--coeff", "0.5")
+    assert missing.exit_code == 2 and "--output" in missing.output
+
+
 def test_several_coeffs_push_and_link_siblings(hub, adapter, tmp_path):
     result = run("merge", adapter, "-c", "-1", "-c", "1", "-o", tmp_path / "m", "--push", "user/m", "-q")
     assert result.exit_code == 0, result.output

@@ -148,7 +148,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[@COEFF]...")
-@click.option("-o", "--output", required=True, help="Output folder. With several --coeff: OUTPUT-c<coeff>, or use {coeff} in it.")
+@click.option("-o", "--output", help="Output folder. With several --coeff: OUTPUT-c<coeff>, or use {coeff} in it. [default with --push: ./<repo name>]")
 @click.option(
     "-c",
     "--coeff",
@@ -214,6 +214,7 @@ def merge(
       weightsteer merge user/ia3-adapter --scheme power --coeff -1 -o ./inverse --base ./base-model
       weightsteer merge ./honest-adapter --coeff 0.5 -o ./model-honest --verify
       weightsteer merge ./honest-adapter --coeff 0.5 -o ./model-honest --push user/model-honest --private
+      weightsteer merge ./honest-adapter --coeff 0.5 --push user/model-honest     # writes ./model-honest first
       weightsteer merge ./honest-adapter --coeff -1 --coeff 1 -o ./model-honest --gguf --outtype q8_0
       weightsteer merge honesty.gguf --base ./Llama-3.2-1B --coeff 4 -o ./model-honest
       weightsteer merge ./honest-adapter --coeff kl:1.0 --coeff=-kl:1.0 -o ./model-honest
@@ -221,6 +222,7 @@ def merge(
     from .merge import Steer, Target
     from .pipeline import publish_targets
 
+    output = output if output is not None else _output_from_push(push_to)
     terms = [_term(a) for a in adapters]
     progress = not (quiet or as_json)
     calibrations = {}
@@ -412,6 +414,13 @@ def _print_published(item: Published, outtype: str) -> None:
         click.echo(f"verified {r.path}: passed, worst tensor at {worst_ratio(item.verification):.3g}× its tolerance")
     if item.url:
         click.echo(f"pushed {r.path} to {item.url}")
+
+
+def _output_from_push(push_to: str | None) -> str:
+    """Without -o, a push writes the checkpoint to a folder named after the repo (user/model-honest → ./model-honest)."""
+    if push_to is None:
+        raise click.UsageError("Missing option '-o' / '--output' (or give --push REPO to write ./<repo name>).")
+    return push_to.rstrip("/").rpartition("/")[2]
 
 
 def _push_targets(
