@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 
 from ..errors import AdapterError
-from .base import ModuleState, require, shape_error, split_keys
+from .base import LowRankChange, ModuleState, require, shape_error, split_keys
 from .scaled_delta import ScaledDeltaFamily, require_matrix
 
 RANKNUM_EPSILON = 1e-5  # ranknum + 1e-5 in SVDLinear.forward
 
 
-class AdaLoRA(ScaledDeltaFamily):
+class AdaLoRA(LowRankChange, ScaledDeltaFamily):
     name = "AdaLoRA"
     peft_types = ("ADALORA",)
     tokens = ("lora_A", "lora_E", "lora_B")
@@ -52,8 +52,6 @@ class AdaLoRA(ScaledDeltaFamily):
                 f"{b.shape[1]}; the adapter file is inconsistent."
             )
 
-    def weight(self, state, weight):
-        return torch.addmm(weight, *self.low_rank(state, weight.shape))
 
     def low_rank(self, state, shape):
         """ΔW = α'/(ranknum + 1e-5) · B (diag(E) A)."""

@@ -216,6 +216,14 @@ class AdapterFamily:
         yield DELTA
 
 
+class LowRankChange:
+    """For a family whose change is a product of small factors: weight() adds the `low_rank` factors' product,
+    W + L R, in one fused addmm (so the merge, export-lora and the row-block engine share one formula)."""
+
+    def weight(self, state: ModuleState, weight: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(weight, *self.low_rank(state, tuple(weight.shape)))
+
+
 class ShapeLookup:
     """Shapes of base tensors, by module path, for families that size things from the base.
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 import torch
 
 from ..errors import AdapterError
-from .base import ModuleState, Scheme, require, scale_tensors, shape_error, split_keys
+from .base import LowRankChange, ModuleState, Scheme, require, scale_tensors, shape_error, split_keys
 from .scaled_delta import TensorDictFamily
 
 FACTORS = ("tinylora_A", "tinylora_B", "tinylora_P")
 VECTOR = "tinylora_v"
 
 
-class TinyLoRA(TensorDictFamily):
+class TinyLoRA(LowRankChange, TensorDictFamily):
     name = "TinyLoRA"
     peft_types = ("TINYLORA",)
     tokens = FACTORS
@@ -67,9 +67,6 @@ class TinyLoRA(TensorDictFamily):
         if tuple(weight_shape) != expected:
             raise shape_error(state.path, "weight shape", expected, tuple(weight_shape))
 
-    def weight(self, state, weight):
-        left, right = self.low_rank(state, weight.shape)
-        return weight + left @ right
 
     def low_rank(self, state, shape):
         t = state.tensors

@@ -8,14 +8,14 @@ save_indices=True. ΔW is linear in scales_B (no-op 0): the linear scheme is sca
 
 from __future__ import annotations
 
-from .base import ModuleState, Scheme, require, scale_tensors, shape_error, split_keys
+from .base import LowRankChange, ModuleState, Scheme, require, scale_tensors, shape_error, split_keys
 from .scaled_delta import TensorDictFamily
 
 THETA = "unilora_theta_d"
 PER_MODULE = ("unilora_indices_A", "unilora_indices_B", "unilora_scales_A", "unilora_scales_B")
 
 
-class UniLoRA(TensorDictFamily):
+class UniLoRA(LowRankChange, TensorDictFamily):
     name = "UniLoRA"
     peft_types = ("UNILORA",)
     tokens = (*PER_MODULE, THETA)
@@ -58,9 +58,6 @@ class UniLoRA(TensorDictFamily):
         if tuple(weight_shape) != expected:
             raise shape_error(state.path, "weight shape", expected, tuple(weight_shape))
 
-    def weight(self, state, weight):
-        left, right = self.low_rank(state, weight.shape)
-        return weight + left @ right
 
     def low_rank(self, state, shape):
         t = state.tensors

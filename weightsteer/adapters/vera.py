@@ -15,7 +15,7 @@ from typing import ClassVar, Mapping
 import torch
 
 from ..errors import AdapterError
-from .base import AdapterFamily, ModuleState, Scheme, ShapeLookup, require, shape_error, split_keys
+from .base import AdapterFamily, LowRankChange, ModuleState, Scheme, ShapeLookup, require, shape_error, split_keys
 
 
 def _scale_lambda_b(state: ModuleState, c: float) -> ModuleState:
@@ -23,7 +23,7 @@ def _scale_lambda_b(state: ModuleState, c: float) -> ModuleState:
     return state.with_tensors(**{n: c * t for n, t in state.tensors.items() if n.endswith("_lambda_b")})
 
 
-class VeRA(AdapterFamily):
+class VeRA(LowRankChange, AdapterFamily):
     name = "VeRA"
     peft_types = ("VERA",)
     prefix: ClassVar[str] = "vera"
@@ -72,9 +72,6 @@ class VeRA(AdapterFamily):
                 "the adapter file is inconsistent."
             )
 
-    def weight(self, state, weight):
-        left, right = self.low_rank(state, weight.shape)
-        return weight + left @ right
 
     def low_rank(self, state, shape):
         """ΔW = (diag(λ_b) B_s) (diag(λ_d) A_s), with the projections sliced to the layer's (out, in)."""
