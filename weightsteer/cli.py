@@ -353,10 +353,10 @@ def build_command(recipe, base_id, device, overwrite, verify_mode, private, revi
           adapters:
             - {adapter: ./honest, coeff: 0.5}
             - {adapter: ./formal, coeff: -0.3, scheme: linear}
-        - path: ./honest
+        - path: ./honest-full
           adapters:
             - {adapter: ./honest, coeff: 1.0}
-          push: user/model-honest
+          push: user/honest-full
     """
     from .pipeline import publish_targets
     from .recipe import load_recipe

@@ -8,10 +8,10 @@
         adapters:
           - {adapter: ./honest, coeff: 0.5}
           - {adapter: ./formal, coeff: -0.3, scheme: linear}
-      - path: ./honest
+      - path: ./honest-full
         adapters:
           - {adapter: ./honest, coeff: 1.0}
-        push: user/model-honest   # optional, per output; verified first, as for merge --push
+        push: user/honest-full    # optional, per output; verified first, as for merge --push
 
 YAML, or JSON with the same keys. Relative paths are relative to the recipe file (a dict: to the current
 folder); an adapter or base that is no folder there is read as a Hub repo id. Every key, path and coeff is
