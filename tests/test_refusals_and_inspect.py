@@ -84,3 +84,13 @@ def test_inspect_refused_type_explains(bases, tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(adapter)])
     assert result.exit_code == 0
     assert "refused" in result.output and "virtual tokens" in result.output
+
+
+@pytest.mark.parametrize("name", ["honesty.gguf", "w.pt", "adapter.safetensors"])
+def test_a_missing_file_is_not_looked_up_on_the_hub(tmp_path, monkeypatch, name):
+    """A mistyped file name is one line about the file, not a Hub download error (repo ids may hold dots too)."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["merge", name, "-o", "out"])
+    assert result.exit_code == 1
+    assert f"'{name}': no such file or folder" in result.output and "Hub" not in result.output
+    assert not (tmp_path / "out").exists()

@@ -15,6 +15,8 @@ from .errors import AdapterError, BaseModelError
 
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "*.md"]
 BASE_IGNORED = [f"*{suffix}" for suffix in WEIGHT_FORMATS_REFUSED] + ["original/*", "*.onnx", "*.tflite", "*.ot"]
+# A missing path with one of these endings is a mistyped file, not a Hub repo id (ids may contain dots too).
+FILE_SUFFIXES = (".gguf", ".safetensors", ".pt", ".pth", ".bin", ".json", ".yaml", ".yml")
 
 
 def resolve(ref: str | Path, kind: str, revision: str | None = None) -> Path:
@@ -28,6 +30,8 @@ def resolve(ref: str | Path, kind: str, revision: str | None = None) -> Path:
         if not path.is_dir():
             raise error(f"{kind} {path} is a file; pass the folder that holds it.")
         return path
+    if path.suffix.lower() in FILE_SUFFIXES:
+        raise error(f"{kind} {ref!r}: no such file or folder ({Path(os.path.abspath(path)).parent} has none of that name).")
     try:
         validate_repo_id(str(ref))
     except HFValidationError:
@@ -37,7 +41,7 @@ def resolve(ref: str | Path, kind: str, revision: str | None = None) -> Path:
         return Path(snapshot_download(str(ref), revision=revision, **patterns))
     except Exception as e:  # huggingface_hub raises many types: offline, 401, 404, network
         raise error(  # redacted on construction: the server's reply may echo the request's Authorization header
-            f"Could not get {kind} {ref!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            f"Could not get {kind} {ref!r} from the Hugging Face Hub ({type(e).__name__}: {' '.join(str(e).split())}). "
             "Check the repo id and your token, or pass a local folder. Offline, only repos already in the cache work."
         ) from None
 
