@@ -13,6 +13,7 @@ that process's VmHWM. Optional modes:
                posix_fadvise(DONTNEED), which needs no privilege; the run prints which it did)
   --coeffs K…  K outputs from one read (K coeffs), against the floor of one read plus K writes of the bytes
   --cli        whole-process timings of `weightsteer --help`, `schemes`, an argument error and `merge`
+  --repeat N   each step N times, the median run reported (a shared or virtual machine varies run to run)
 
     python benchmarks/bench_merge.py                   # the ~0.8B bf16 Llama shape, DeLoRA r=8, CPU
     python benchmarks/bench_merge.py --cold --coeffs 1 2 4 --cli
@@ -141,7 +142,9 @@ def run_rewrite(base: Path, out: Path, device: str) -> dict:
 
 
 def run_read_write(base: Path, out: Path, device: str, copies: str) -> dict:
-    """The floor for K outputs: read every shard once in large pieces, write each piece K times."""
+    """The floor for K outputs: read every shard once in large pieces, write each piece K times, in 512 KiB
+    write() calls as weightsteer makes them (larger calls are slower on VMs with free page reporting; see
+    notes/perf.md)."""
     outs = [out / f"k{k}" for k in range(int(copies))]
     for folder in outs:
         folder.mkdir(parents=True)
@@ -151,7 +154,10 @@ def run_read_write(base: Path, out: Path, device: str, copies: str) -> dict:
         with open(shard, "rb", buffering=0) as source:
             while n := source.readinto(buffer):
                 for target in targets:
-                    target.write(memoryview(buffer)[:n])
+                    for start in range(0, n, 512 << 10):
+                        view = memoryview(buffer)[start : min(n, start + (512 << 10))]
+                        while view:
+                            view = view[target.write(view) :]
         for target in targets:
             target.close()
     return {}
@@ -244,6 +250,8 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true", help="also measure cp -r and weightsteer on a dropped page cache")
     parser.add_argument("--coeffs", type=int, nargs="+", metavar="K", help="K outputs from one read, on the last --layers fixture")
     parser.add_argument("--cli", action="store_true", help="whole-process timings of the command line")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="measure each step N times in a row and report the median run")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
     full_layers = SHAPES[args.shape][1]
@@ -254,18 +262,22 @@ def main() -> None:
     base, adapter = fixtures[layer_counts[0]]
     size_gb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, {_gpu_name()}; {time.strftime('%Y-%m-%d')}")
+    if args.repeat > 1:
+        print(f"each step run {args.repeat} times; the median run is shown")
     print(f"fixture: {args.shape} shape, {layer_counts[0]} layers, {size_gb:.2f} GB bf16, DeLoRA r={RANK}, coeff {COEFF} "
           f"(built or found in {time.perf_counter() - start:.0f} s)")
     results: dict[str, dict] = {}
 
     def timed(label, kind, *paths, device="cpu", extra=(), cold=False):
         out = args.workdir / "out"
-        shutil.rmtree(out, ignore_errors=True)
-        os.sync()
-        how = drop_cache(paths[0]) if cold else warm_cache(paths[0])
-        results[label] = measure(kind, [*map(str, paths), str(out)], [device, *extra])
-        shutil.rmtree(out, ignore_errors=True)
-        r = results[label]
+        runs = []
+        for _ in range(args.repeat):
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+            how = drop_cache(paths[0]) if cold else warm_cache(paths[0])
+            runs.append(measure(kind, [*map(str, paths), str(out)], [device, *extra]))
+            shutil.rmtree(out, ignore_errors=True)
+        r = results[label] = sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]
         print(f"{label:<34} {r['seconds']:8.2f} s  (process {r['process_seconds']:6.2f} s, CPU {r['cpu_seconds']:6.2f} s)   "
               f"peak RSS {r['peak_rss_mb']:6.0f} MB"
               + (f"   [{how}]" if cold else ""), flush=True)

@@ -110,6 +110,67 @@ def test_non_finite_block_is_refused():
         engine._low_rank_blocked(SimpleNamespace(name="w"), stored, [(left, right)], [_one_step(2.0)], [result], torch.bfloat16, pool)
 
 
+@pytest.mark.parametrize(
+    ("values", "dtype", "may_overflow"),
+    [
+        ([0.5, -2.0, 3.0], torch.bfloat16, False),  # the common case: the norm rules out overflow
+        ([40000.0, 1.0], torch.float16, True),  # above half of float16's range: counted exactly
+        ([1e20, -1e20], torch.bfloat16, True),  # the sum of squares overflows float32; the values do not
+        ([1e20, 1.0], torch.float32, False),  # a float32 output cannot overflow
+    ],
+)
+def test_finite_check_takes_the_exact_path_whenever_the_norm_cannot_rule_overflow_out(values, dtype, may_overflow):
+    target = torch.tensor(values)
+    assert engine._check_finite(SimpleNamespace(name="w"), _one_step(1.0), target, dtype) is may_overflow
+    rounded, report = target.to(dtype), RoundingReport()
+    engine._count_overflow(SimpleNamespace(name="w"), target, rounded, target.to(dtype), report)
+    assert report.overflowed == int(torch.isinf(target.to(dtype)).sum()) == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_finite_check_refuses_nan_and_inf(bad):
+    with pytest.raises(weightsteer.AdapterError, match="gives NaN or inf even in float32"):
+        engine._check_finite(SimpleNamespace(name="w"), _one_step(1.0), torch.tensor([1.0, bad]), torch.bfloat16)
+
+
+def test_float16_values_past_the_range_are_counted_exactly():
+    target = torch.tensor([65519.0, 65520.0, -70000.0, 1.0])  # 65519 rounds to 65504; 65520 and beyond to inf
+    assert engine._check_finite(SimpleNamespace(name="w"), _one_step(1.0), target, torch.float16)
+    rounded, report = target.to(torch.float16), RoundingReport()
+    engine._count_overflow(SimpleNamespace(name="w"), target, rounded, torch.zeros(4, dtype=torch.float16), report)
+    assert report.overflowed == 2 and report.overflow_tensor == "w" and report.overflow_peak == 70000.0
+
+
+@pytest.mark.parametrize(("scale", "changed"), [(1e-3, ["w"]), (0.0, [])])
+def test_a_change_outside_the_sampled_rows_still_marks_the_tensor_changed(scale, changed, monkeypatch):
+    """Rows 0, 10, 20, ... are sampled; the change sits in row 5 only. Oracle: torch.equal on the full fp32 tensor."""
+    monkeypatch.setattr(engine, "SAMPLE_ELEMENTS", 64)
+    monkeypatch.setattr(engine, "CPU_BLOCK_ELEMENTS", 16 * 8)
+    stored = torch.ones(40, 16, dtype=torch.bfloat16)  # 640 elements: every 10th row sampled
+    left = torch.zeros(40, 1)
+    left[5] = scale
+    right = torch.ones(1, 16)
+    result = SimpleNamespace(rounding=RoundingReport(), changed_tensors=[])
+    (output,) = engine._low_rank_blocked(SimpleNamespace(name="w"), stored, [(left, right)], [_one_step(1.0)], [result], torch.bfloat16, None)
+    assert torch.equal(output, stored)  # 1 + 1e-3 rounds back to 1 in bfloat16
+    full = torch.addmm(stored.float(), left, right)
+    assert result.changed_tensors == changed == (["w"] if not torch.equal(full, stored.float()) else [])
+    assert result.rounding.changed == 0  # no sampled row changed
+
+
+def test_buffers_are_reused_for_tensors_of_similar_size_and_bounded():
+    buffers = engine._Buffers(limit=3000)
+    first = buffers.take(1000)
+    buffers.give([first.view(torch.int16)])  # a view of the taken buffer, as outputs are
+    again = buffers.take(900)
+    assert again.data_ptr() == first.data_ptr() and again.numel() == 900
+    assert buffers.take(300).data_ptr() != first.data_ptr()  # not for a tensor under half its size
+    buffers.give([again, again, torch.empty(10, dtype=torch.uint8)])  # repeats and strangers are ignored
+    big = [buffers.take(1000) for _ in range(4)]
+    buffers.give(big)
+    assert sum(b.numel() for b in buffers._idle) <= 3000 and not buffers._lent.keys() & {b.data_ptr() for b in big}
+
+
 @pytest.fixture
 def small_queues(monkeypatch):
     """Every queue at its minimum and every read in pieces: the paths a real model takes, on a tiny one."""
@@ -119,6 +180,7 @@ def small_queues(monkeypatch):
     monkeypatch.setattr(engine, "ADVISE_BYTES", 1024)
     monkeypatch.setattr(engine, "CPU_BLOCK_ELEMENTS", 64 * 16)
     monkeypatch.setattr(checkpoint, "READ_CHUNK", 2048)
+    monkeypatch.setattr(checkpoint, "WRITE_PIECE", 1000)
 
 
 def test_sharded_bf16_merge_of_several_coeffs_matches_peft_and_the_full_tensor_path(tmp_path, small_queues, monkeypatch):

@@ -21,7 +21,7 @@ def test_importing_the_package_and_the_cli_loads_nothing_heavy():
 
 
 def test_help_and_argument_errors_load_nothing_heavy():
-    argvs = [["--help"], ["merge", "--help"], ["merge"], ["merge", "a", "-o", "b", "--coeff", "x"]]
+    argvs = [["--help"], ["merge", "--help"], ["merge"], ["merge", "a"], ["merge", "a", "-o", "b", "--coeff", "x"]]
     for argv in (*argvs, ["merge", "a", "-o", "b", "-c", "kl:0"], ["sweep", "--help"], ["sweep", "a", "--coeffs", "x"]):
         code = f"from weightsteer.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass"
         assert _heavy(_modules_after(code)) == [], argv

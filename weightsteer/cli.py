@@ -219,10 +219,10 @@ def merge(
       weightsteer merge honesty.gguf --base ./Llama-3.2-1B --coeff 4 -o ./model-honest
       weightsteer merge ./honest-adapter --coeff kl:1.0 --coeff=-kl:1.0 -o ./model-honest
     """
+    output = output if output is not None else _output_from_push(push_to)  # before the heavy imports
     from .merge import Steer, Target
     from .pipeline import publish_targets
 
-    output = output if output is not None else _output_from_push(push_to)
     terms = [_term(a) for a in adapters]
     progress = not (quiet or as_json)
     calibrations = {}

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 from pathlib import Path
@@ -35,7 +35,7 @@ class StreamTarget(Protocol):
     seconds: dict[str, float]
 
 
-SAMPLE_ELEMENTS = 1 << 20  # rounding statistics of a larger tensor come from evenly strided rows
+SAMPLE_ELEMENTS = 1 << 16  # rounding statistics of a larger tensor come from evenly strided rows
 
 
 @dataclass
@@ -43,7 +43,8 @@ class RoundingReport:
     """How much of the fp32 change survived rounding to the output dtype.
 
     Counts and norms are exact for tensors up to SAMPLE_ELEMENTS elements; a larger tensor contributes
-    every k-th row, weighted by k (an unbiased estimate from at least a million elements).
+    every k-th row, weighted by k (an unbiased estimate from at least 65 536 of its elements; a model's
+    report sums millions). At 2²⁰ elements a tensor the statistics cost ~20 % of a 2-core CPU merge.
     """
 
     changed: float = 0  # elements whose fp32 value changed
@@ -127,6 +128,15 @@ def _keep_freed_memory_for_reuse() -> None:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameter numbers
 
 
+def _return_freed_memory() -> None:
+    """Give the heap's free memory back to the system once the stream is done (malloc_trim): the thresholds
+    above keep it for reuse during the merge, not for the rest of the caller's process."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 class _PhaseClock:
     """Busy seconds per phase (read / compute / write; they overlap), for the report and the benchmark."""
 
@@ -166,6 +176,8 @@ def stream(
     # On a GPU, one page-locked buffer for reads and one for writes make host↔device copies fast.
     largest = max([max(t.source.nbytes, t.nbytes) for t in computed] + [t.nbytes for t in plan.added], default=0)
     pinned = [torch.empty(largest, dtype=torch.uint8, pin_memory=True) for _ in range(2)] if device.type == "cuda" else [None, None]
+    # as many idle bytes as can ever be in flight: steady state allocates nothing
+    buffers = _Buffers(PREFETCH_BYTES + WRITE_BYTES + 2 * largest) if device.type == "cpu" else None
     total = sum(_read_bytes(t) for t in ordered)
     opened: list[ShardWriter] = []
     with (
@@ -176,7 +188,8 @@ def stream(
         ReadAhead([t.source for t in ordered if not isinstance(t, NewTensor)]) as read_ahead,
         tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress) as bar,
     ):
-        reads = _Prefetch(reader, computed, lambda t: _read(plan, t, device, clock, pinned[0], chunks))
+        into = (lambda t: pinned[0]) if buffers is None else (lambda t: buffers.take(t.source.nbytes))
+        reads = _Prefetch(reader, computed, lambda t: _read(plan, t, device, clock, into(t), chunks))
         writes = _OrderedWrites(writer)
         try:
             for shard, tensors in plan.shards.items():
@@ -186,12 +199,15 @@ def stream(
                 opened += shard_writers
                 for tensor in tensors:
                     if isinstance(tensor, NewTensor):  # a change to an all-zero base tensor
-                        outputs = _outputs(tensor, edits[tensor.name], _zeros(tensor, device), results, clock, workers)
-                        writes.submit(tensor.nbytes * len(outputs), _write_all, shard_writers, tensor.name, outputs, clock, pinned[1])
+                        outputs = _outputs(tensor, edits[tensor.name], _zeros(tensor, device), results, clock, workers, buffers)
+                        writes.submit(tensor.nbytes * len(outputs), _write_all, shard_writers, tensor.name, outputs, clock, pinned[1], buffers)
                     elif _needs_read(tensor, edits):
-                        outputs = _outputs(tensor, edits.get(tensor.name), reads.next(), results, clock, workers)
+                        stored = reads.next()
+                        outputs = _outputs(tensor, edits.get(tensor.name), stored, results, clock, workers, buffers)
+                        if buffers is not None and all(o.data_ptr() != stored.data_ptr() for o in outputs):
+                            buffers.give([stored])  # else an output is the stored tensor: recycled once written
                         nbytes = sum(o.numel() * o.element_size() for o in outputs)
-                        writes.submit(nbytes, _write_all, shard_writers, tensor.name, outputs, clock, pinned[1])
+                        writes.submit(nbytes, _write_all, shard_writers, tensor.name, outputs, clock, pinned[1], buffers)
                     else:
                         writes.submit(0, _copy_all, shard_writers, tensor, clock)
                     read_ahead.consumed(_read_bytes(tensor))
@@ -205,28 +221,63 @@ def stream(
             raise
     for result in results:
         result.seconds = dict(clock.seconds)
+    if buffers is not None:
+        buffers.clear()
+        _return_freed_memory()
 
 
-def _compute_workers(device: torch.device) -> ThreadPoolExecutor | nullcontext:
-    """On a CPU with few cores, one thread per intra-op thread torch would use, each with single-threaded
-    torch ops (the setting is per thread; the caller's stays): small ops on several OpenMP threads spend
-    their time in barriers once other processes compete for the cores; on a loaded 2-core machine 100 µs
-    ops ran 10-20× slower on two OpenMP threads than on one. With more cores (and on a GPU) the caller's
-    thread computes, torch splitting each block among its threads."""
+@contextmanager
+def _compute_workers(device: torch.device):
+    """On a CPU, up to MAX_COMPUTE_WORKERS threads share each tensor's row blocks, each with single-threaded
+    torch ops (the setting is per thread), and the caller's thread is single-threaded too while they run,
+    except for the full-tensor path (`_all_threads`). Small ops on several OpenMP threads spend their time in
+    barriers and spinning: on a loaded 2-core machine 100 µs ops ran 10-20× slower on two OpenMP threads than
+    on one; on the 16-core GPU machine (8B shape) the caller's thread computing on 16 OpenMP threads took
+    13.9 s and 190 CPU-seconds against 8.3 s and 20 with 4 workers, and 8 workers took 12.0 s, 16 workers
+    15.5 s (2¹⁸-element blocks: each worker's Python between ops holds the GIL); with 2²⁰-element blocks, 4
+    workers 6.9 s, 8 workers 7.3 s. On a GPU the caller's thread computes; yields None then."""
     threads = torch.get_num_threads()
-    count = COMPUTE_WORKERS if COMPUTE_WORKERS is not None else (threads if threads <= MAX_COMPUTE_WORKERS else 0)
+    count = COMPUTE_WORKERS if COMPUTE_WORKERS is not None else min(threads, MAX_COMPUTE_WORKERS)
     if device.type != "cpu" or count < 1:
-        return nullcontext()
-    return ThreadPoolExecutor(count, "weightsteer-compute", initializer=torch.set_num_threads, initargs=(1,))
+        yield None
+        return
+    with _Workers(count, threads) as pool:
+        torch.set_num_threads(1)
+        try:
+            yield pool
+        finally:
+            torch.set_num_threads(threads)
 
 
-MAX_COMPUTE_WORKERS = 4  # above this many intra-op threads, compute on the caller's thread (see _compute_workers)
-COMPUTE_WORKERS: int | None = None  # None: the rule above; 0: always the caller's thread; n: n workers
+class _Workers(ThreadPoolExecutor):
+    """Compute threads with single-threaded torch ops; remembers the caller's thread count (`_all_threads`)."""
+
+    def __init__(self, count: int, caller_threads: int):
+        super().__init__(count, "weightsteer-compute", initializer=torch.set_num_threads, initargs=(1,))
+        self.caller_threads = caller_threads
+
+
+@contextmanager
+def _all_threads(workers: "_Workers | None"):
+    """The caller's torch threads back, while the workers wait, for a whole-tensor computation (families
+    without low-rank factors): its few large ops gain from all of them."""
+    if workers is None:
+        yield
+        return
+    torch.set_num_threads(workers.caller_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
+
+
+MAX_COMPUTE_WORKERS = 4  # compute threads on a CPU (see _compute_workers)
+COMPUTE_WORKERS: int | None = None  # None: min(intra-op threads, MAX_COMPUTE_WORKERS); 0: the caller's thread; n: n workers
 
 
 # Memory is bounded by bytes, not by model size: a few tensors in flight whatever the checkpoint.
 PREFETCH_BYTES = 128 << 20  # tensors read ahead of the compute (always at least one)
-WRITE_BYTES = 256 << 20  # computed bytes waiting for the writer (always at least one tensor)
+WRITE_BYTES = 128 << 20  # computed bytes waiting for the writer (always at least one tensor)
 READS_IN_FLIGHT = 4  # chunk reads of one large tensor issued at once (keeps an NVMe queue busy)
 READ_AHEAD_BYTES = 1 << 30  # the kernel is asked to read this far past the compute (page cache, not RSS)
 ADVISE_BYTES = 64 << 20  # one posix_fadvise(WILLNEED) request
@@ -272,6 +323,46 @@ class _OrderedWrites:
     def drain(self) -> None:
         while self._pending:
             self._pending.popleft()[1].result()
+
+
+class _Buffers:
+    """CPU memory for read tensors and computed outputs, recycled once their bytes are written.
+
+    A fresh allocation per tensor costs page faults and zero-filling each time, and freed blocks scatter
+    the heap. Measured on the 2-core machine (8B shape, 8 layers, 117 MB projections), two runs each: peak
+    RSS 1620-1967 MB with a fresh allocation per tensor, 1262-1509 MB (once 2190) with two of the largest tensors
+    kept idle, 1027-1028 MB with as many as can be in flight (the limit the engine gives). Keeps at most
+    `limit` idle bytes; a buffer is reused for a tensor of at least half its size."""
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._idle: list[torch.Tensor] = []
+        self._lent: dict[int, torch.Tensor] = {}  # data_ptr → whole buffer
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A uint8 CPU tensor of `nbytes` (a view of the start of a buffer)."""
+        with self._lock:
+            fits = [i for i, b in enumerate(self._idle) if nbytes <= b.numel() <= 2 * nbytes]
+            whole = self._idle.pop(min(fits, key=lambda i: self._idle[i].numel())) if fits else None
+        if whole is None:
+            whole = torch.empty(nbytes, dtype=torch.uint8)
+        with self._lock:
+            self._lent[whole.data_ptr()] = whole
+        return whole[:nbytes]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._idle.clear()
+            self._lent.clear()
+
+    def give(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Take back the buffers of these tensors (views of taken buffers; others, and repeats, are ignored)."""
+        with self._lock:
+            for tensor in tensors:
+                whole = self._lent.pop(tensor.data_ptr(), None)
+                if whole is not None and sum(b.numel() for b in self._idle) + whole.numel() <= self._limit:
+                    self._idle.append(whole)
 
 
 class ReadAhead:
@@ -358,13 +449,13 @@ def _needs_read(tensor: OutputTensor | NewTensor, edits: dict[str, list[Edit | N
 
 
 def _read(
-    plan: MergePlan, tensor: OutputTensor, device: torch.device, clock: _PhaseClock, pinned: torch.Tensor | None, chunks
+    plan: MergePlan, tensor: OutputTensor, device: torch.device, clock: _PhaseClock, into: torch.Tensor | None, chunks
 ) -> torch.Tensor:
-    """The stored tensor on the compute device, as stored (the compute converts it block by block).
-
-    With a pinned buffer the copy to the GPU is synchronous, so the buffer is free again on return."""
+    """The stored tensor on the compute device, as stored (the compute converts it block by block), read into
+    `into`: on a GPU the page-locked buffer, free again on return (the copy to the GPU is synchronous); on a
+    CPU a recycled buffer (_Buffers), which the result is a view of."""
     with clock("read"):
-        return plan.checkpoint.read(tensor.source.name, into=pinned, pool=chunks).to(device)
+        return plan.checkpoint.read(tensor.source.name, into=into, pool=chunks).to(device)
 
 
 def _outputs(
@@ -373,7 +464,8 @@ def _outputs(
     stored: torch.Tensor,
     results: Sequence[StreamTarget],
     clock: _PhaseClock,
-    workers: ThreadPoolExecutor | None,
+    workers: "_Workers | None",
+    buffers: "_Buffers | None",
 ) -> list[torch.Tensor]:
     """One output tensor per result, each rounded once from fp32 to the output dtype; updates the reports."""
     dtype = DTYPES[tensor.dtype]
@@ -385,11 +477,12 @@ def _outputs(
         factors = [_row_factors(edit, stored) if dtype.itemsize < 4 else None for edit, _ in edited]
         base_rounded = None
         if edited and all(f is not None for f in factors):
-            merged = _low_rank_blocked(tensor, stored, factors, *zip(*edited), dtype, workers)
+            merged = _low_rank_blocked(tensor, stored, factors, *zip(*edited), dtype, workers, buffers)
         else:
-            base = stored.float()
-            base_rounded = stored.to(dtype)
-            merged = [_merged(tensor, edit, base, base_rounded, result) for edit, result in edited]
+            with _all_threads(workers):
+                base = stored.float()
+                base_rounded = stored.to(dtype)
+                merged = [_merged(tensor, edit, base, base_rounded, result) for edit, result in edited]
         by_result = {id(result): output for (_, result), output in zip(edited, merged)}
         if len(by_result) < len(results) and base_rounded is None:
             base_rounded = stored.to(dtype)
@@ -397,11 +490,18 @@ def _outputs(
 
 
 def _write_all(
-    writers: Sequence[ShardWriter], name: str, outputs: Sequence[torch.Tensor], clock: _PhaseClock, pinned: torch.Tensor | None
+    writers: Sequence[ShardWriter],
+    name: str,
+    outputs: Sequence[torch.Tensor],
+    clock: _PhaseClock,
+    pinned: torch.Tensor | None,
+    buffers: "_Buffers | None",
 ) -> None:
     with clock("write"):
         for writer, output in zip(writers, outputs):
             writer.write(name, output, pinned)
+    if buffers is not None:
+        buffers.give(outputs)
 
 
 def _copy_all(writers: Sequence[ShardWriter], tensor: OutputTensor, clock: _PhaseClock) -> None:
@@ -418,11 +518,12 @@ def _close_all(writers: Sequence[ShardWriter]) -> None:
 def _merged(tensor: OutputTensor, edit: Edit, base: torch.Tensor, base_rounded: torch.Tensor, result: StreamTarget) -> torch.Tensor:
     """The edited tensor (every step of the output's composition), rounded once to the output dtype; updates the report."""
     target = edit(base)
-    _refuse_non_finite(tensor, edit, target)
+    may_overflow = _check_finite(tensor, edit, target, base_rounded.dtype)
     rounded = target.to(base_rounded.dtype)
     if target.shape != base.shape:  # added token rows have no base value: the report leaves them out
         base, base_rounded = (torch.cat([t, r[t.shape[0] :]]) for t, r in ((base, target), (base_rounded, rounded)))
-    _count_overflow(tensor, target, rounded, base_rounded, result.rounding)
+    if may_overflow:
+        _count_overflow(tensor, target, rounded, base_rounded, result.rounding)
     before = result.rounding.changed
     result.rounding.add(base, target, rounded, base_rounded)
     if result.rounding.changed > before or not torch.equal(target, base):
@@ -436,8 +537,6 @@ def _count_overflow(
 ) -> None:
     """Count the values of the (finite) fp32 target that became ±inf when rounded to the output dtype; they are put
     back to the base's in `rounded` (in place) so that the statistics stay finite: the output is refused later."""
-    if not rounded.is_floating_point() or torch.finfo(rounded.dtype).max >= torch.finfo(torch.float32).max:
-        return
     infinite = torch.isinf(rounded)
     overflowed = int(infinite.sum())  # target is finite: every inf is an overflow
     if overflowed:
@@ -445,12 +544,29 @@ def _count_overflow(
         rounded.copy_(torch.where(infinite, base_rounded.to(rounded.dtype), rounded))
 
 
-def _refuse_non_finite(tensor: OutputTensor, edit: Edit, target: torch.Tensor) -> None:
-    if not math.isfinite(float(target.sum())):  # one pass; NaN and inf survive a sum
+def _check_finite(tensor: OutputTensor, edit: Edit, target: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Refuse a target holding NaN or inf; say whether rounding it to `dtype` may overflow (then
+    _count_overflow counts exactly). One pass in the common case: every |t_i| ≤ ‖t‖₂, so finite norms within
+    half of dtype's range rule out both; only otherwise do the exact element-wise checks run. The norms are
+    taken over pieces of at most NORM_PIECE = n elements: in any summation order an fp32 sum of n non-negative
+    rounded squares is at least (1 − u)ⁿ ≥ e^(−1/2) of the exact one (u = 2⁻²⁴; Higham, Accuracy and
+    Stability of Numerical Algorithms, §4.2), so a computed norm within half the range puts the exact one
+    within 0.65 of it: the half is a bound, not a heuristic."""
+    flat = target.reshape(-1)
+    pieces = (flat,) if flat.numel() <= NORM_PIECE else flat.split(NORM_PIECE)
+    norm_sq = max((float(torch.dot(piece, piece)) for piece in pieces), default=0.0)
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+    if math.sqrt(norm_sq) <= limit / 2:  # False for NaN and inf
+        return False
+    if not bool(torch.isfinite(target).all()):
         coeffs = ", ".join(f"{step.coeff:g}" for step in edit.steps)
         raise AdapterError(
             f"Merging {tensor.name} at coeff {coeffs} gives NaN or inf even in float32; check the adapters and coeffs."
         )
+    return limit < torch.finfo(torch.float32).max
+
+
+NORM_PIECE = 1 << 23  # n·u = 1/2
 
 
 # ---- low-rank changes in row blocks ---------------------------------------------------------------
@@ -459,7 +575,7 @@ def _refuse_non_finite(tensor: OutputTensor, edit: Edit, target: torch.Tensor) -
 # (convert, add, check, round) over main memory. Row i of W' depends on row i of W and of L only, so the
 # blocked result is the unblocked formula's, element for element.
 
-CPU_BLOCK_ELEMENTS = 1 << 18  # 1 MiB of fp32 per block buffer: two of them stay in a core's L2
+CPU_BLOCK_ELEMENTS = 1 << 20  # 4 MiB of fp32 per block: fewer Python steps (GIL) per element; 2¹⁸ was no faster on 2 cores
 GPU_BLOCK_ELEMENTS = 1 << 28  # on a GPU every tensor of a real model is one block
 MIN_BLOCK_ROWS = 8  # a matrix product over fewer rows may take another kernel (e.g. one row: gemv)
 
@@ -491,8 +607,8 @@ def _row_factors(edit: Edit, stored: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def row_blocks(rows: int, cols: int, device: torch.device, workers: ThreadPoolExecutor | None = None) -> list[tuple[int, int]]:
     """Row ranges of about a block's elements each, none under MIN_BLOCK_ROWS rows (unless the tensor is).
-    A block computed on the caller's CPU thread is shared among torch's intra-op threads: one cache-sized
-    piece per thread."""
+    A block computed on the caller's CPU thread (no workers) is shared among torch's intra-op threads: one
+    block's worth per thread."""
     if device.type == "cuda":
         elements = GPU_BLOCK_ELEMENTS
     else:
@@ -510,6 +626,7 @@ def _low_rank_blocked(
     results: Sequence[StreamTarget],
     dtype: torch.dtype,
     workers: ThreadPoolExecutor | None,
+    buffers: "_Buffers | None" = None,
 ) -> list[torch.Tensor]:
     """W + L R for each result's factors, computed block by block from the stored tensor, rounded once.
 
@@ -518,37 +635,38 @@ def _low_rank_blocked(
     rows, cols = stored.shape
     blocks = row_blocks(rows, cols, stored.device, workers)
     step = sample_step(stored)
-    outputs = [torch.empty(stored.shape, dtype=dtype, device=stored.device) for _ in results]
+    nbytes = stored.numel() * dtype.itemsize
+    if buffers is None:
+        outputs = [torch.empty(stored.shape, dtype=dtype, device=stored.device) for _ in results]
+    else:
+        outputs = [buffers.take(nbytes).view(dtype).reshape(stored.shape) for _ in results]
 
-    def update(share: Sequence[tuple[int, int]]) -> list[tuple[RoundingReport, bool]]:
-        """Compute these blocks for every result: per result, the blocks' rounding report and whether
-        every block came out unchanged. The report samples the tensor's rows 0, step, 2·step, ...: the
-        blocks' sampled target rows are gathered as they pass, the statistics taken once at the end."""
-        longest = max(end - start for start, end in share)
-        base_block = torch.empty(longest, cols, dtype=torch.float32, device=stored.device)
-        target_block = torch.empty_like(base_block)
+    def update(share: Sequence[tuple[int, int]]) -> list[RoundingReport]:
+        """Compute these blocks for every result; per result, the blocks' rounding report. The report samples
+        the tensor's rows 0, step, 2·step, ...: the blocks' sampled target rows are gathered as they pass,
+        the statistics taken once at the end."""
+        target_block = torch.empty(max(end - start for start, end in share), cols, device=stored.device)
         sampled_rows = torch.tensor([row for start, end in share for row in range(start + -start % step, end, step)], dtype=torch.long, device=stored.device)
         sampled_targets = [torch.empty(len(sampled_rows), cols, device=stored.device) for _ in results]
         reports = [RoundingReport() for _ in results]
-        unchanged = [True] * len(results)
         done = 0
         for start, end in share:
-            base = base_block[: end - start].copy_(stored[start:end])
             first = -start % step  # the block's first sampled row
             count = len(range(first, end - start, step))
             for k, ((left, right), edit) in enumerate(zip(factors, edits)):
-                target = torch.addmm(base, left[start:end], right, out=target_block[: end - start])
-                _refuse_non_finite(tensor, edit, target)
+                # convert into the fp32 block, then W += L R in place (beta = 1: no copy of the block)
+                target = target_block[: end - start].copy_(stored[start:end]).addmm_(left[start:end], right)
+                may_overflow = _check_finite(tensor, edit, target, dtype)
                 outputs[k][start:end].copy_(target)
-                _count_overflow(tensor, target, outputs[k][start:end], stored[start:end], reports[k])
+                if may_overflow:
+                    _count_overflow(tensor, target, outputs[k][start:end], stored[start:end], reports[k])
                 sampled_targets[k][done : done + count].copy_(target[first::step])
-                unchanged[k] = unchanged[k] and torch.equal(target, base)
             done += count
         sampled_stored = stored[sampled_rows]
         base_sample, stored_rounded = sampled_stored.float(), sampled_stored.to(dtype)
         for k, report in enumerate(reports):
             report.add_sample(step, base_sample, sampled_targets[k], outputs[k][sampled_rows], stored_rounded)
-        return list(zip(reports, unchanged))
+        return reports
 
     if workers is None:
         shares = [update(blocks)]
@@ -557,9 +675,19 @@ def _low_rank_blocked(
         shares = [share.result() for share in [workers.submit(update, blocks[i::count]) for i in range(count)]]
     for k, result in enumerate(results):
         before = result.rounding.changed
-        for report, _ in (share[k] for share in shares):
-            result.rounding.include(report)
-        if result.rounding.changed > before or not all(share[k][1] for share in shares):
+        for share in shares:
+            result.rounding.include(share[k])
+        # Sampled rows that changed settle it; else (rare: a change too small for fp32 in every sampled row) look at all.
+        if result.rounding.changed > before or _changes_any_row(stored, *factors[k], blocks):
             result.changed_tensors.append(tensor.name)
     return outputs
 
+
+
+def _changes_any_row(stored: torch.Tensor, left: torch.Tensor, right: torch.Tensor, blocks: Sequence[tuple[int, int]]) -> bool:
+    """Whether W + L R differs from W in fp32 anywhere, recomputed block by block."""
+    for start, end in blocks:
+        base = stored[start:end].float()
+        if not torch.equal(torch.addmm(base, left[start:end], right), base):
+            return True
+    return False
