@@ -89,7 +89,8 @@ def test_export_matches_merge(bases, tmp_path, name):
 
 
 def test_written_lora_is_plain(bases, tmp_path):
-    adapter = make_adapter(bases("llama"), tmp_path / "a", LoraConfig(r=4, lora_alpha=16, use_rslora=True, rank_pattern={"q_proj": 2}, target_modules=["q_proj", "v_proj"]))
+    base = bases("llama")
+    adapter = make_adapter(base, tmp_path / "a", LoraConfig(r=4, lora_alpha=16, use_rslora=True, rank_pattern={"q_proj": 2}, target_modules=["q_proj", "v_proj"]))
     export_lora(adapter, tmp_path / "lora", coeff=-1)
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 4
@@ -98,8 +99,13 @@ def test_written_lora_is_plain(bases, tmp_path):
     assert {k.rsplit(".", 2)[-2] for k in tensors} == {"lora_A", "lora_B"}
     assert all(t.shape[0] == 4 for k, t in tensors.items() if ".lora_A." in k)  # rank 2 padded to 4
     assert all(t.dtype == torch.float32 for t in tensors.values())
-    report = json.loads((tmp_path / "lora" / "weightsteer-lora.json").read_text())
+    text = (tmp_path / "lora" / "weightsteer-lora.json").read_text()
+    report = json.loads(text)
     assert report["coeff"] == -1 and report["linear_in_coeff"] and len(report["modules"]) == 4
+    assert report["adapter"] == "a" and report["terms"][0]["adapter"] == "a"  # published names, as in merge's provenance
+    assert str(tmp_path) not in text and str(base) not in text  # no local paths: the sidecar push never uploads has them
+    local = json.loads((tmp_path / "lora" / ".weightsteer-local.json").read_text())
+    assert local == {"adapters": [str(tmp_path / "a")], "base_model": str(base)} and report["base_model"] == base.name
 
 
 def test_linear_export_scales_like_coeff(bases, tmp_path):

@@ -35,8 +35,9 @@ from .adapters import Adapter
 from .adapters.base import MODEL_PREFIX, ModuleState
 from .checkpoint import Checkpoint
 from .errors import ExportError
-from .outputs import OutputSlot
+from .outputs import LOCAL_PATHS_NAME, OutputSlot
 from .merge import Adapters, open_plan, steers
+from .provenance import published_report
 from .planner import COMPOSE_MODES, Composition, Edit, MergePlan, OutputTensor, Step, _resolve, tying
 
 PathLike = str | os.PathLike
@@ -149,7 +150,10 @@ def export_lora(
         _add_tied_head(modules, plan.shared_head)
         result.rank = max((m["factors"][0].shape[1] for m in modules.values() if "factors" in m), default=1)
         result.modules = [m["report"] for m in modules.values() if "report" in m]
-        _write(slot.stage(), modules, result.rank, plan.adapters[composition.terms[0].adapter], base_ref, result)
+        report, local = published_report(plan, opened, {k: v for k, v in result.to_dict().items() if k not in ("path", "base")})
+        staging = slot.stage()
+        _write(staging, modules, result.rank, plan.adapters[composition.terms[0].adapter], base_ref, result)
+        _write_report(staging, report, local)
         slot.publish()
     return result
 
@@ -395,13 +399,13 @@ def _write(staging: Path, modules: dict[str, dict], rank: int, adapter: Adapter,
     save_file(tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
     config = _lora_config(adapter, base_ref, rank, targets, with_bias, fan_in_fan_out)
     (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    report = {
-        "weightsteer_version": __version__,
-        "adapter": str(adapter.path),
-        "base_model": base_ref,
-        **{k: v for k, v in result.to_dict().items() if k != "path"},
-    }
-    (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _write_report(staging: Path, report: dict, local: dict) -> None:
+    """weightsteer-lora.json (no local paths) and, beside it, the local paths that push never uploads."""
+    (staging / REPORT_NAME).write_text(json.dumps({"weightsteer_version": __version__, **report}, indent=2) + "\n")
+    if local:
+        (staging / LOCAL_PATHS_NAME).write_text(json.dumps(local, indent=2) + "\n")
 
 
 def _described(terms: list[dict]) -> str:

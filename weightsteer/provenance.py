@@ -110,6 +110,23 @@ def _at(composition: Composition) -> str:
     return ("coeff " if len(coeffs) == 1 else "coeffs ") + ", ".join(coeffs)
 
 
+def published_report(plan: MergePlan, opened: "Opened", record: dict) -> tuple[dict, dict]:
+    """A report (e.g. export-lora's) as published, with its typed adapter paths replaced by published names and
+    no local paths; and those paths, for the sidecar that push never uploads."""
+    published = _published_adapters(plan, opened)
+    names = {opened.refs[i]: p[0] for i, p in enumerate(published)}
+    shown, hub_base, base_revision, base_local = published_reference(opened.base_ref, plan.checkpoint.root)
+    public = record | {
+        "adapter": published[0][0] if len(published) == 1 else None,
+        "base_model": hub_base or shown,
+        "base_revision": base_revision,
+        "terms": [term | {"adapter": names.get(term["adapter"], term["adapter"])} for term in record.get("terms", [])],
+        "warnings": _published_text(record.get("warnings", []), names),
+    }
+    local = {"adapters": [p[2] for p in published if p[2]], "base_model": base_local}
+    return public, {k: v for k, v in local.items() if v}
+
+
 def _published_adapters(plan: MergePlan, opened: "Opened") -> list[tuple[str, str | None, str | None]]:
     """Per adapter: (name as published: its Hub id or folder name, Hub commit, absolute local path or None)."""
     found = []
