@@ -541,3 +541,11 @@ def test_recipe_errors_are_redacted(tmp_path, monkeypatch):
     recipe.write_text('{"outputs": [{"path": "x", "adapters": [{"adapter": "hf_recipesecret123456@@", "coeff": 1}]}]}')
     line = one_line_error(cli("build", recipe))
     assert "hf_recipesecret123456" not in line and "is not a Hub repo id" in line
+
+
+def test_a_file_no_format_reads_gets_the_same_line_from_merge_and_inspect(inputs, tmp_path):
+    junk = tmp_path / "honesty.bin"
+    junk.write_bytes(b"not a steering vector")
+    merged = one_line_error(cli("merge", junk, "--base", inputs[0], "-o", tmp_path / "out"))
+    inspected = one_line_error(cli("inspect", junk))
+    assert merged == inspected and "no steering format recognises" in merged and "pass its folder" in merged

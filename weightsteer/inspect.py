@@ -45,11 +45,14 @@ class AdapterReport:
 
 def inspect(adapter: str | Path, base: str | Path | None = None) -> AdapterReport:
     """Describe an adapter; with `base`, also measure ‖ΔW‖/‖W‖ per changed tensor at coeff 1."""
-    from .formats import detect_format
+    from .formats import detect_format, unrecognised_file
 
-    fmt = detect_format(Path(adapter).expanduser()) if Path(adapter).expanduser().exists() else None
+    path = Path(adapter).expanduser()
+    fmt = detect_format(path) if path.exists() else None
     if fmt is not None:
-        return _format_report(fmt, Path(adapter).expanduser(), base)
+        return _format_report(fmt, path, base)
+    if path.is_file():
+        raise unrecognised_file(path)  # the same line merge gives
     folder = resolve(str(adapter), "adapter")
     config = read_config(folder)
     peft_type = config["peft_type"]

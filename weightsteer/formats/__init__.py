@@ -61,11 +61,13 @@ def load_artefact(ref: object) -> Adapter:
         if fmt is not None:
             return fmt.read(path)
         if path.is_file():
-            known = ", ".join(f.name for f in all_formats())
-            raise AdapterError(
-                f"{path} is a file that no steering format recognises ({known}); for a PEFT adapter pass its folder."
-            )
+            raise unrecognised_file(path)
     return load_adapter(resolve(str(ref), "adapter"))
+
+
+def unrecognised_file(path: Path) -> AdapterError:
+    known = ", ".join(f.name for f in all_formats())
+    return AdapterError(f"{path} is a file that no steering format recognises ({known}); for a PEFT adapter pass its folder.")
 
 
 def reference(ref: object, loaded: Adapter) -> str:
@@ -73,4 +75,4 @@ def reference(ref: object, loaded: Adapter) -> str:
     return str(ref) if isinstance(ref, (str, os.PathLike)) else f"<{loaded.peft_type} {type(ref).__name__} object>"
 
 
-__all__ = ["Artefact", "Format", "BUILTIN_FORMATS", "FORMATS", "all_formats", "detect_format", "load_artefact", "reference"]
+__all__ = ["Artefact", "Format", "BUILTIN_FORMATS", "FORMATS", "all_formats", "detect_format", "load_artefact", "reference", "unrecognised_file"]
