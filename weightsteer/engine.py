@@ -344,10 +344,7 @@ class _Buffers:
         """A uint8 CPU tensor of `nbytes` (a view of the start of a buffer)."""
         with self._lock:
             fits = [i for i, b in enumerate(self._idle) if nbytes <= b.numel() <= 2 * nbytes]
-            whole = self._idle.pop(min(fits, key=lambda i: self._idle[i].numel())) if fits else None
-        if whole is None:
-            whole = torch.empty(nbytes, dtype=torch.uint8)
-        with self._lock:
+            whole = self._idle.pop(min(fits, key=lambda i: self._idle[i].numel())) if fits else torch.empty(nbytes, dtype=torch.uint8)
             self._lent[whole.data_ptr()] = whole
         return whole[:nbytes]
 
@@ -683,11 +680,10 @@ def _low_rank_blocked(
     return outputs
 
 
-
 def _changes_any_row(stored: torch.Tensor, left: torch.Tensor, right: torch.Tensor, blocks: Sequence[tuple[int, int]]) -> bool:
-    """Whether W + L R differs from W in fp32 anywhere, recomputed block by block."""
+    """Whether W + L R differs from W in fp32 anywhere, recomputed block by block as `update` computes it."""
     for start, end in blocks:
         base = stored[start:end].float()
-        if not torch.equal(torch.addmm(base, left[start:end], right), base):
+        if not torch.equal(base.clone().addmm_(left[start:end], right), base):
             return True
     return False
