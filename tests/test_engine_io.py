@@ -228,3 +228,21 @@ def test_copies_and_reads_interleave_in_file_order_with_minimal_queues(tmp_path,
     base = build_base("llama", tmp_path / "base", shard_size="60KB")
     adapter = make_adapter(base, tmp_path / "adapter", DeloraConfig(r=4, delora_lambda=20, target_modules=["q_proj", "down_proj"]))
     assert_matches_runtime(base, adapter, tmp_path, [1.0, -0.5])
+
+
+def test_unchanged_tensors_are_copied_through_memory_where_the_kernel_cannot(tmp_path, small_queues, monkeypatch):
+    """Without copy_file_range (other filesystems, old kernels) the copy reads and writes in pieces, byte for byte."""
+    def no_copy_file_range(*args):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(checkpoint.os, "copy_file_range", no_copy_file_range)
+    monkeypatch.setattr(checkpoint, "READ_CHUNK", 1000)
+    base = build_base("llama", tmp_path / "base", shard_size="60KB")
+    adapter = make_adapter(base, tmp_path / "adapter", DeloraConfig(r=4, delora_lambda=20, target_modules=["q_proj"]))
+    reads = []
+    pread = checkpoint.os.pread
+    monkeypatch.setattr(checkpoint.os, "pread", lambda fd, n, offset: reads.append(n) or pread(fd, n, offset))
+    weightsteer.merge(adapter, tmp_path / "c0", coeff=0.0, base=base)  # coeff 0: every tensor is a copy
+    assert_base_identical(base, tmp_path / "c0")
+    stored = sum(i.nbytes for f in base.glob("*.safetensors") for i in read_header(f)[1])
+    assert sum(reads) == stored and max(reads) <= 1000  # every byte, a read chunk at a time

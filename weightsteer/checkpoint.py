@@ -398,8 +398,10 @@ class ShardWriter:
                 count = min(_COPY_CHUNK, info.nbytes - done)
                 try:
                     n = os.copy_file_range(src.fileno(), self._file.fileno(), count, info.start + done)
-                except OSError:
-                    n = self._file.write(os.pread(src.fileno(), count, info.start + done))
+                except OSError:  # no in-kernel copy here: through memory, a read chunk at a time
+                    data = os.pread(src.fileno(), min(count, READ_CHUNK), info.start + done)
+                    self._write(data)
+                    n = len(data)
                 if n == 0:
                     raise BaseModelError(f"{info.file}: file ends inside tensor {info.name!r}; it is truncated.")
                 done += n
