@@ -48,11 +48,10 @@ def finish_output(
     # A grown vocabulary (added tokens) needs the tokenizer that knows them: the adapters', where they ship one.
     resized = any(key.endswith("vocab_size") for key in plan.config_patch)
     tokenizer_from_adapter = [n for t in composition.terms for n in copy_tokenizer_files(plan.adapters[t.adapter].path, staging)] if resized else []
-    published = _published_adapters(plan, opened)
+    published, names = _published_adapters(plan, opened)
     terms = [_term_record(plan, published[term.adapter], term) for term in composition.terms]
     single = terms[0] if len(terms) == 1 else None
     base_shown, hub_base, base_revision, base_local = published_reference(opened.base_ref, plan.checkpoint.root)
-    names = {opened.refs[i]: p[0] for i, p in enumerate(published)}  # as typed → as published
     provenance = {
         "weightsteer_version": __version__,
         # A one-adapter merge keeps these top-level keys; a composition has None here and every term in "terms".
@@ -113,8 +112,7 @@ def _at(composition: Composition) -> str:
 def published_report(plan: MergePlan, opened: "Opened", record: dict) -> tuple[dict, dict]:
     """A report (e.g. export-lora's) as published, with its typed adapter paths replaced by published names and
     no local paths; and those paths, for the sidecar that push never uploads."""
-    published = _published_adapters(plan, opened)
-    names = {opened.refs[i]: p[0] for i, p in enumerate(published)}
+    published, names = _published_adapters(plan, opened)
     shown, hub_base, base_revision, base_local = published_reference(opened.base_ref, plan.checkpoint.root)
     public = record | {
         "adapter": published[0][0] if len(published) == 1 else None,
@@ -127,8 +125,9 @@ def published_report(plan: MergePlan, opened: "Opened", record: dict) -> tuple[d
     return public, {k: v for k, v in local.items() if v}
 
 
-def _published_adapters(plan: MergePlan, opened: "Opened") -> list[tuple[str, str | None, str | None]]:
-    """Per adapter: (name as published: its Hub id or folder name, Hub commit, absolute local path or None)."""
+def _published_adapters(plan: MergePlan, opened: "Opened") -> tuple[list[tuple[str, str | None, str | None]], dict[str, str]]:
+    """Per adapter: (name as published: its Hub id or folder name, Hub commit, absolute local path or None); and
+    each adapter reference as typed → its name as published."""
     found = []
     for ref, adapter in zip(opened.refs, plan.adapters):
         if not adapter.path.exists():  # a Python vector object: its description, no path
@@ -136,7 +135,7 @@ def _published_adapters(plan: MergePlan, opened: "Opened") -> list[tuple[str, st
             continue
         shown, hub_id, revision, local = published_reference(ref, adapter.path)
         found.append((hub_id or shown, revision, local))
-    return found
+    return found, {ref: name for ref, (name, _, _) in zip(opened.refs, found)}
 
 
 def _term_record(plan: MergePlan, published: tuple[str, str | None, str | None], term: Term) -> dict:
