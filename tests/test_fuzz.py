@@ -76,19 +76,9 @@ def _document(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_fuzz_adapter_config(world):
-    path = world[2] / "adapter_config.json"
-
-    @FUZZ
-    @given(mutated(_document(path)))
-    def check(config):
-        run_damaged(world, path, _json_bytes(config))
-
-    check()
-
-
-def test_fuzz_base_config(world):
-    path = world[1] / "config.json"
+@pytest.mark.parametrize(("folder", "name"), [(2, "adapter_config.json"), (1, "config.json")])
+def test_fuzz_config(world, folder, name):
+    path = world[folder] / name
 
     @FUZZ
     @given(mutated(_document(path)))
