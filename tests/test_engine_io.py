@@ -246,3 +246,11 @@ def test_unchanged_tensors_are_copied_through_memory_where_the_kernel_cannot(tmp
     assert_base_identical(base, tmp_path / "c0")
     stored = sum(i.nbytes for f in base.glob("*.safetensors") for i in read_header(f)[1])
     assert sum(reads) == stored and max(reads) <= 1000  # every byte, a read chunk at a time
+
+
+def test_cpu_buffers_are_released_when_the_stream_fails():
+    with pytest.raises(ZeroDivisionError), engine._cpu_buffers(torch.device("cpu"), limit=1 << 20) as buffers:
+        buffers.give([buffers.take(1000)])
+        assert buffers._idle
+        1 / 0
+    assert not buffers._idle and not buffers._lent

@@ -176,11 +176,11 @@ def stream(
     # On a GPU, one page-locked buffer for reads and one for writes make host↔device copies fast.
     largest = max([max(t.source.nbytes, t.nbytes) for t in computed] + [t.nbytes for t in plan.added], default=0)
     pinned = [torch.empty(largest, dtype=torch.uint8, pin_memory=True) for _ in range(2)] if device.type == "cuda" else [None, None]
-    # as many idle bytes as can ever be in flight: steady state allocates nothing
-    buffers = _Buffers(PREFETCH_BYTES + WRITE_BYTES + 2 * largest) if device.type == "cpu" else None
     total = sum(_read_bytes(t) for t in ordered)
     opened: list[ShardWriter] = []
     with (
+        # as many idle bytes as can ever be in flight: steady state allocates nothing
+        _cpu_buffers(device, PREFETCH_BYTES + WRITE_BYTES + 2 * largest) as buffers,
         ThreadPoolExecutor(1, "weightsteer-read") as reader,
         ThreadPoolExecutor(READS_IN_FLIGHT, "weightsteer-read-chunk") as chunks,
         ThreadPoolExecutor(1, "weightsteer-write") as writer,
@@ -221,7 +221,19 @@ def stream(
             raise
     for result in results:
         result.seconds = dict(clock.seconds)
-    if buffers is not None:
+
+
+@contextmanager
+def _cpu_buffers(device: torch.device, limit: int):
+    """Recycled buffers for a CPU stream (None on a GPU); their memory goes back to the system at the end, on
+    failure too (a traceback kept in a notebook would otherwise hold them)."""
+    if device.type != "cpu":
+        yield None
+        return
+    buffers = _Buffers(limit)
+    try:
+        yield buffers
+    finally:
         buffers.clear()
         _return_freed_memory()
 
