@@ -7,12 +7,14 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard import metadata_load
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 import weightsteer
 from conftest import make_adapter
-from weightsteer.card import base_license
+from weightsteer.card import base_license, card_metadata
 from weightsteer.cli import main
 from weightsteer.verify import DEFAULT_PROMPTS
 
@@ -176,6 +178,8 @@ def test_merge_verify_writes_cards_with_siblings(bases, tmp_path):
     card = (tmp_path / "model-c1" / "README.md").read_text()
     assert "coeff **1**" in card and "**passed**" in card and "`model-c-1`" in card
     assert "license: apache-2.0" in card and "base_model:" not in card  # local base: no Hub id to name
+    metadata = ModelCard.load(tmp_path / "model-c1" / "README.md").data  # the Hub's own reader
+    assert metadata.license == "apache-2.0" and "weightsteer" in metadata.tags and metadata.library_name == "transformers"
     assert json.loads((tmp_path / "model-c-1" / "weightsteer.json").read_text())["verification"]["ok"]
 
 
@@ -185,3 +189,25 @@ def test_base_license_sources(tmp_path):
     assert base_license(tmp_path) == "apache-2.0"
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# A model\n")
     assert base_license(tmp_path) == "mit"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "---\nlicense: mit\n---\n# A model\n",
+        "\ufeff---\r\nlicense: apache-2.0\r\ntags: [a, b]\r\n---\r\nbody",
+        "  \n---\nlicense: mit\n---",
+        "# no metadata\n---\nlicense: mit\n---\n",
+        "---\n---\nbody",
+    ],
+)
+def test_card_metadata_reads_what_huggingface_hub_reads(tmp_path, text):
+    card = tmp_path / "README.md"
+    card.write_text(text, encoding="utf-8", newline="")
+    assert card_metadata(card) == (metadata_load(card) or {})
+
+
+@pytest.mark.parametrize("text", ["---\n- a list\n---\n", "---\nlicense: [unclosed\n---\n", "---\n\tlicense: mit\n---\n"])
+def test_card_metadata_that_is_not_a_mapping_counts_as_none(tmp_path, text):
+    (tmp_path / "README.md").write_text(text)
+    assert base_license(tmp_path) is None

@@ -7,12 +7,12 @@ verification or for a push without the base or the adapter at hand.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Mapping
 
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
-from huggingface_hub.repocard import metadata_load
+from huggingface_hub.repocard_data import ModelCardData  # not huggingface_hub.repocard: it imports the Hub client (~0.4 s)
 
 from .outputs import CARD_NAME, PROVENANCE_NAME
 
@@ -27,18 +27,14 @@ LICENSE_PHRASES = {
 NOT_VERIFIED = {"skipped": True}
 WORST_SHOWN = 10
 WEIGHTSTEER_URL = "https://pypi.org/project/weightsteer/"
+FRONT_MATTER = re.compile(r"\A\s*---\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", re.DOTALL)  # a card's YAML metadata block
 
 
 def base_license(root: Path) -> str | None:
     """The base model's license id, from its card's metadata, its config or its LICENSE file; None if unknown."""
     card = root / CARD_NAME
-    if card.is_file():
-        try:
-            found = (metadata_load(card) or {}).get("license")
-        except yaml.YAMLError:
-            found = None
-        if found:
-            return str(found)
+    if card.is_file() and (found := card_metadata(card).get("license")):
+        return str(found)
     config = root / "config.json"
     if config.is_file() and isinstance(found := json.loads(config.read_text()).get("license"), str):
         return found
@@ -46,6 +42,16 @@ def base_license(root: Path) -> str | None:
         if (root / name).is_file():
             return _license_from_text((root / name).read_text(errors="replace"))
     return None
+
+
+def card_metadata(card: Path) -> dict:
+    """A model card's YAML metadata; empty where it has none, or none that parses to a mapping."""
+    match = FRONT_MATTER.match(card.read_text(encoding="utf-8-sig", errors="replace"))
+    try:
+        metadata = yaml.safe_load(match.group(1)) if match else None
+    except yaml.YAMLError:
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def _license_from_text(text: str) -> str | None:
@@ -112,7 +118,7 @@ def write_card(
         _loading(reference, repo_id),
     ]
     body = "\n".join(s for s in sections if s)
-    ModelCard(f"---\n{_metadata(provenance).to_yaml()}\n---\n{body}").save(folder / CARD_NAME)
+    (folder / CARD_NAME).write_text(f"---\n{_metadata(provenance).to_yaml()}\n---\n{body}", encoding="utf-8")
 
 
 def _metadata(provenance: dict) -> ModelCardData:

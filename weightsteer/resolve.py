@@ -6,10 +6,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
-
 from .checkpoint import WEIGHT_FORMATS_REFUSED
 from .errors import AdapterError, BaseModelError
 
@@ -32,6 +28,11 @@ def resolve(ref: str | Path, kind: str, revision: str | None = None) -> Path:
         return path
     if path.suffix.lower() in FILE_SUFFIXES:
         raise error(f"{kind} {ref!r}: no such file or folder ({Path(os.path.abspath(path)).parent} has none of that name).")
+    # Imported here: huggingface_hub's Hub client takes ~0.4 s to import, which a merge of local folders skips.
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     try:
         validate_repo_id(str(ref))
     except HFValidationError:
