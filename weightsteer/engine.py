@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import math
 import os
 import threading
@@ -584,7 +585,7 @@ NORM_PIECE = 1 << 23  # n·u = 1/2
 # (convert, add, check, round) over main memory. Row i of W' depends on row i of W and of L only, so the
 # blocked result is the unblocked formula's, element for element.
 
-CPU_BLOCK_ELEMENTS = 1 << 20  # 4 MiB of fp32 per block: fewer Python steps (GIL) per element; 2¹⁸ was no faster on 2 cores
+CPU_BLOCK_ELEMENTS: int | None = None  # None: from the CPU's last-level cache (cpu_block_elements)
 GPU_BLOCK_ELEMENTS = 1 << 28  # on a GPU every tensor of a real model is one block
 MIN_BLOCK_ROWS = 8  # a matrix product over fewer rows may take another kernel (e.g. one row: gemv)
 
@@ -621,10 +622,59 @@ def row_blocks(rows: int, cols: int, device: torch.device, workers: ThreadPoolEx
     if device.type == "cuda":
         elements = GPU_BLOCK_ELEMENTS
     else:
-        elements = CPU_BLOCK_ELEMENTS * (1 if workers is not None else torch.get_num_threads())
+        threads = workers._max_workers if workers is not None else torch.get_num_threads()
+        elements = cpu_block_elements(threads) * (1 if workers is not None else threads)
     count = max(1, min(rows // MIN_BLOCK_ROWS, rows * cols // elements))
     bounds = [rows * i // count for i in range(count + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+def cpu_block_elements(threads: int) -> int:
+    """Elements of one CPU row block: a power of two between 2¹⁷ and 2²⁰ whose working set (fp32 block,
+    stored rows, output rows: 8 bytes an element, twice over for the reader's and writer's traffic) fits
+    each computing thread's share of the last-level cache; 2²⁰ where the cache size is unknown. Measured on
+    the 2-core machine (8 MiB L3, two workers; stream of the ~0.8B fixture): 2¹⁷ 1.72-1.83 s, 2¹⁸ 1.63-1.74 s,
+    2¹⁹ 1.67-1.82 s, 2²⁰ 1.93-2.27 s; larger blocks cost fewer Python steps a byte (the GIL), which on the
+    16-core machine made 2²⁰ faster than 2¹⁸."""
+    if CPU_BLOCK_ELEMENTS is not None:
+        return CPU_BLOCK_ELEMENTS
+    cache = _last_level_cache()
+    if cache is None:
+        return 1 << 20
+    size, sharing = cache
+    per_thread = size // max(1, min(threads, sharing))
+    return 1 << max(17, min(20, (per_thread // 16).bit_length() - 1))
+
+
+@functools.cache
+def _last_level_cache() -> tuple[int, int] | None:
+    """(bytes, CPUs sharing it) of CPU 0's highest-level data or unified cache, from Linux's sysfs; None
+    where that cannot be read."""
+    found: tuple[int, int, int] | None = None
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            level = int((index / "level").read_text())
+            size = _cache_bytes((index / "size").read_text().strip())
+            sharing = sum(_span(part) for part in (index / "shared_cpu_list").read_text().strip().split(","))
+        except (OSError, ValueError):
+            continue
+        if found is None or level > found[0]:
+            found = (level, size, sharing)
+    return found[1:] if found else None
+
+
+def _cache_bytes(text: str) -> int:
+    """sysfs's cache size ("512K", "32M", "1024") in bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
+
+
+def _span(part: str) -> int:
+    """How many CPUs a cpu-list entry ("3" or "0-7") names."""
+    first, _, last = part.partition("-")
+    return int(last or first) - int(first) + 1
 
 
 def _low_rank_blocked(
@@ -639,8 +689,11 @@ def _low_rank_blocked(
 ) -> list[torch.Tensor]:
     """W + L R for each result's factors, computed block by block from the stored tensor, rounded once.
 
-    On a CPU the blocks are shared among `workers`, threads whose torch ops run single-threaded (see
-    `_compute_workers`)."""
+    On a CPU the blocks go to `workers`, threads whose torch ops run single-threaded (see
+    `_compute_workers`), each taking the next block when it is free: a worker slowed by the reader or the
+    writer on a shared core holds up at most one block. The rounding report samples the tensor's rows
+    0, step, 2·step, ...: the blocks copy their sampled target rows aside as they pass, and the statistics
+    are taken once at the end."""
     rows, cols = stored.shape
     blocks = row_blocks(rows, cols, stored.device, workers)
     step = sample_step(stored)
@@ -649,43 +702,52 @@ def _low_rank_blocked(
         outputs = [torch.empty(stored.shape, dtype=dtype, device=stored.device) for _ in results]
     else:
         outputs = [buffers.take(nbytes).view(dtype).reshape(stored.shape) for _ in results]
+    sizes = [end - start for start, end in blocks]
+    firsts = [-start % step for start, _ in blocks]  # each block's first sampled row
+    counts = [len(range(first, size, step)) for first, size in zip(firsts, sizes)]
+    sampled_rows = range(0, rows, step)
+    sampled_targets = [torch.empty(len(sampled_rows), cols, device=stored.device) for _ in results]
+    # Every block's views in one call per tensor: a Python slice costs microseconds, a block's math a few hundred.
+    stored_blocks = stored.split(sizes)
+    left_blocks = [left.split(sizes) for left, _ in factors]
+    output_blocks = [output.split(sizes) for output in outputs]
+    sampled_blocks = [sampled.split(counts) for sampled in sampled_targets]
+    pending = iter(range(len(blocks)))
+    taking = threading.Lock()
 
-    def update(share: Sequence[tuple[int, int]]) -> list[RoundingReport]:
-        """Compute these blocks for every result; per result, the blocks' rounding report. The report samples
-        the tensor's rows 0, step, 2·step, ...: the blocks' sampled target rows are gathered as they pass,
-        the statistics taken once at the end."""
-        target_block = torch.empty(max(end - start for start, end in share), cols, device=stored.device)
-        sampled_rows = torch.tensor([row for start, end in share for row in range(start + -start % step, end, step)], dtype=torch.long, device=stored.device)
-        sampled_targets = [torch.empty(len(sampled_rows), cols, device=stored.device) for _ in results]
-        reports = [RoundingReport() for _ in results]
-        done = 0
-        for start, end in share:
-            first = -start % step  # the block's first sampled row
-            count = len(range(first, end - start, step))
-            for k, ((left, right), edit) in enumerate(zip(factors, edits)):
+    def next_block() -> int | None:
+        with taking:
+            return next(pending, None)
+
+    def update() -> list[RoundingReport]:
+        """Compute blocks until none is left; per result, the overflows this thread counted."""
+        target_block = torch.empty(max(sizes), cols, device=stored.device)
+        targets = {size: target_block[:size] for size in set(sizes)}  # at most two sizes
+        overflows = [RoundingReport() for _ in results]
+        while (i := next_block()) is not None:
+            target = targets[sizes[i]]
+            for k, (edit, (_, right)) in enumerate(zip(edits, factors)):
                 # convert into the fp32 block, then W += L R in place (beta = 1: no copy of the block)
-                target = target_block[: end - start].copy_(stored[start:end]).addmm_(left[start:end], right)
+                target.copy_(stored_blocks[i]).addmm_(left_blocks[k][i], right)
                 may_overflow = _check_finite(tensor, edit, target, dtype)
-                outputs[k][start:end].copy_(target)
+                output_blocks[k][i].copy_(target)
                 if may_overflow:
-                    _count_overflow(tensor, target, outputs[k][start:end], stored[start:end], reports[k])
-                sampled_targets[k][done : done + count].copy_(target[first::step])
-            done += count
-        sampled_stored = stored[sampled_rows]
-        base_sample, stored_rounded = sampled_stored.float(), sampled_stored.to(dtype)
-        for k, report in enumerate(reports):
-            report.add_sample(step, base_sample, sampled_targets[k], outputs[k][sampled_rows], stored_rounded)
-        return reports
+                    _count_overflow(tensor, target, output_blocks[k][i], stored_blocks[i], overflows[k])
+                if counts[i]:
+                    sampled_blocks[k][i].copy_(target[firsts[i] :: step])
+        return overflows
 
     if workers is None:
-        shares = [update(blocks)]
+        shares = [update()]
     else:
-        count = min(workers._max_workers, len(blocks))
-        shares = [share.result() for share in [workers.submit(update, blocks[i::count]) for i in range(count)]]
+        shares = [share.result() for share in [workers.submit(update) for _ in range(min(workers._max_workers, len(blocks)))]]
+    sampled_stored = stored[::step]
+    base_sample, stored_rounded = sampled_stored.float(), sampled_stored.to(dtype)
     for k, result in enumerate(results):
         before = result.rounding.changed
         for share in shares:
             result.rounding.include(share[k])
+        result.rounding.add_sample(step, base_sample, sampled_targets[k], outputs[k][::step], stored_rounded)
         # Sampled rows that changed settle it; else (rare: a change too small for fp32 in every sampled row) look at all.
         if result.rounding.changed > before or _changes_any_row(stored, *factors[k], blocks):
             result.changed_tensors.append(tensor.name)
