@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -246,6 +247,42 @@ def test_unchanged_tensors_are_copied_through_memory_where_the_kernel_cannot(tmp
     assert_base_identical(base, tmp_path / "c0")
     stored = sum(i.nbytes for f in base.glob("*.safetensors") for i in read_header(f)[1])
     assert sum(reads) == stored and max(reads) <= 1000  # every byte, a read chunk at a time
+
+
+def test_a_buffer_shared_by_outputs_is_recycled_only_after_its_last_write():
+    buffers = engine._Buffers(1 << 20)
+    shared = buffers.take(1000)
+    writes = []
+
+    class Writer:
+        def write(self, name, tensor, staging):
+            writes.append(tensor.data_ptr() in buffers._lent)  # still lent, so no read can reuse it meanwhile
+
+    jobs = engine._writes([Writer(), Writer()], "w", [shared, shared], engine._PhaseClock(), [None, None], buffers)
+    jobs[1]()
+    assert shared.data_ptr() in buffers._lent and not buffers._idle
+    jobs[0]()
+    assert writes == [True, True] and not buffers._lent and buffers._idle
+
+
+def test_outputs_written_in_parallel_lanes_equal_one_merge_each(tmp_path, small_queues, monkeypatch):
+    """One lane slowed: the others run ahead, and every output is still byte for byte its own merge."""
+    base = build_base("llama", tmp_path / "base", shard_size="60KB", dtype=torch.bfloat16)
+    adapter = make_adapter(base, tmp_path / "adapter", DeloraConfig(r=4, delora_lambda=20, target_modules=["q_proj", "down_proj"]))
+    write, slowed = checkpoint.ShardWriter.write, []
+
+    def slow_for_one_output(self, *args):
+        if self.path.parent.name.startswith(".c1."):  # the staging folder of output c1
+            slowed.append(time.sleep(0.002))
+        return write(self, *args)
+
+    monkeypatch.setattr(checkpoint.ShardWriter, "write", slow_for_one_output)
+    coeffs = (1.0, 0.0, -0.5)
+    weightsteer.merge_many(adapter, {c: tmp_path / f"c{c:g}" for c in coeffs}, base=base)
+    assert slowed
+    for c in coeffs:
+        weightsteer.merge(adapter, tmp_path / f"alone{c:g}", coeff=c, base=base)
+        assert_base_identical(tmp_path / f"alone{c:g}", tmp_path / f"c{c:g}")
 
 
 def test_cpu_buffers_are_released_when_the_stream_fails():

@@ -1,13 +1,12 @@
 """The streaming engine: read the base once, compute every changed tensor in fp32, write each output
 shard by shard. Reading, computing and writing overlap: one thread prefetches the tensors to change, the
-caller's thread computes, one thread writes in order. Nothing here decides what changes (planner) or
-what else goes into an output folder (provenance)."""
+caller's thread (with compute workers on a CPU) computes, one thread per output writes its shards in
+order. Nothing here decides what changes (planner) or what else goes into an output folder (provenance)."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import functools
 import math
 import os
 import threading
@@ -15,14 +14,15 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import cache, partial
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import DTYPES, ShardWriter, TensorInfo
+from .checkpoint import DTYPES, STAGE_PIECE, ShardWriter, TensorInfo
 from .errors import AdapterError
 from .outputs import fault_point
 from .planner import Composition, Edit, MergePlan, NewTensor, OutputTensor
@@ -139,10 +139,12 @@ def _return_freed_memory() -> None:
 
 
 class _PhaseClock:
-    """Busy seconds per phase (read / compute / write; they overlap), for the report and the benchmark."""
+    """Busy seconds per phase (read / compute / write; they overlap, and several writers add up), for the
+    report and the benchmark."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {"read": 0.0, "compute": 0.0, "write": 0.0}
+        self._lock = threading.Lock()
 
     @contextmanager
     def __call__(self, phase: str):
@@ -150,7 +152,8 @@ class _PhaseClock:
         try:
             yield
         finally:
-            self.seconds[phase] += time.perf_counter() - start
+            with self._lock:
+                self.seconds[phase] += time.perf_counter() - start
 
 
 def stream(
@@ -174,9 +177,11 @@ def stream(
     ordered = [t for tensors in plan.shards.values() for t in tensors]
     computed = [t for t in ordered if _needs_read(t, edits)]
     clock = _PhaseClock()
-    # On a GPU, one page-locked buffer for reads and one for writes make host↔device copies fast.
     largest = max([max(t.source.nbytes, t.nbytes) for t in computed] + [t.nbytes for t in plan.added], default=0)
-    pinned = [torch.empty(largest, dtype=torch.uint8, pin_memory=True) for _ in range(2)] if device.type == "cuda" else [None, None]
+    # On a GPU, page-locked buffers make host↔device copies fast: one for reads, two pieces per output's writer.
+    cuda = device.type == "cuda"
+    read_pinned = torch.empty(largest, dtype=torch.uint8, pin_memory=True) if cuda else None
+    stagings_pinned = [torch.empty(min(largest, 2 * STAGE_PIECE), dtype=torch.uint8, pin_memory=True) if cuda else None for _ in results]
     total = sum(_read_bytes(t) for t in ordered)
     opened: list[ShardWriter] = []
     with (
@@ -184,14 +189,13 @@ def stream(
         _cpu_buffers(device, PREFETCH_BYTES + WRITE_BYTES + 2 * largest) as buffers,
         ThreadPoolExecutor(1, "weightsteer-read") as reader,
         ThreadPoolExecutor(READS_IN_FLIGHT, "weightsteer-read-chunk") as chunks,
-        ThreadPoolExecutor(1, "weightsteer-write") as writer,
+        _WriteLanes(len(results)) as writes,
         _compute_workers(device) as workers,
         ReadAhead([t.source for t in ordered if not isinstance(t, NewTensor)]) as read_ahead,
         tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress) as bar,
     ):
-        into = (lambda t: pinned[0]) if buffers is None else (lambda t: buffers.take(t.source.nbytes))
+        into = (lambda t: read_pinned) if buffers is None else (lambda t: buffers.take(t.source.nbytes))
         reads = _Prefetch(reader, computed, lambda t: _read(plan, t, device, clock, into(t), chunks))
-        writes = _OrderedWrites(writer)
         try:
             for shard, tensors in plan.shards.items():
                 layout = [(t.name, t.dtype, t.shape) for t in tensors]
@@ -201,22 +205,22 @@ def stream(
                 for tensor in tensors:
                     if isinstance(tensor, NewTensor):  # a change to an all-zero base tensor
                         outputs = _outputs(tensor, edits[tensor.name], _zeros(tensor, device), results, clock, workers, buffers)
-                        writes.submit(tensor.nbytes * len(outputs), _write_all, shard_writers, tensor.name, outputs, clock, pinned[1], buffers)
+                        writes.submit(tensor.nbytes * len(outputs), _writes(shard_writers, tensor.name, outputs, clock, stagings_pinned, buffers))
                     elif _needs_read(tensor, edits):
                         stored = reads.next()
                         outputs = _outputs(tensor, edits.get(tensor.name), stored, results, clock, workers, buffers)
                         if buffers is not None and all(o.data_ptr() != stored.data_ptr() for o in outputs):
                             buffers.give([stored])  # else an output is the stored tensor: recycled once written
                         nbytes = sum(o.numel() * o.element_size() for o in outputs)
-                        writes.submit(nbytes, _write_all, shard_writers, tensor.name, outputs, clock, pinned[1], buffers)
+                        writes.submit(nbytes, _writes(shard_writers, tensor.name, outputs, clock, stagings_pinned, buffers))
                     else:
-                        writes.submit(0, _copy_all, shard_writers, tensor, clock)
+                        writes.submit(0, [partial(_copy, w, tensor, clock) for w in shard_writers])
                     read_ahead.consumed(_read_bytes(tensor))
                     bar.update(_read_bytes(tensor))
-                writes.submit(0, _close_all, shard_writers)
+                writes.submit(0, [w.close for w in shard_writers])
             writes.drain()
         except BaseException:
-            writer.shutdown(cancel_futures=True)
+            writes.cancel()
             for shard_writer in opened:
                 shard_writer.abort()
             raise
@@ -319,23 +323,41 @@ class _Prefetch:
         return result
 
 
-class _OrderedWrites:
-    """Runs writes on one thread in submission order, blocking while more than WRITE_BYTES are pending."""
+class _WriteLanes:
+    """One writer thread per output, each writing its own shard files in submission order, so the K outputs
+    of one read are written in parallel; the caller blocks while more than WRITE_BYTES are pending (at least
+    one tensor's writes always may be)."""
 
-    def __init__(self, pool: ThreadPoolExecutor):
-        self._pool = pool
-        self._pending: deque[tuple[int, Future]] = deque()
+    def __init__(self, count: int):
+        self._lanes = [ThreadPoolExecutor(1, f"weightsteer-write-{k}") for k in range(count)]
+        self._pending: deque[tuple[int, list[Future]]] = deque()
 
-    def submit(self, nbytes: int, fn, *args) -> None:
-        self._pending.append((nbytes, self._pool.submit(fn, *args)))
+    def __enter__(self) -> "_WriteLanes":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for lane in self._lanes:
+            lane.shutdown()
+
+    def submit(self, nbytes: int, jobs: Sequence[Callable[[], None]]) -> None:
+        """Queue one tensor's writes, a job per output (lane)."""
+        self._pending.append((nbytes, [lane.submit(job) for lane, job in zip(self._lanes, jobs)]))
         while len(self._pending) > 1 and sum(n for n, _ in self._pending) > WRITE_BYTES:
-            self._pending.popleft()[1].result()
-        while self._pending and self._pending[0][1].done():
-            self._pending.popleft()[1].result()
+            self._finish_first()
+        while self._pending and all(f.done() for f in self._pending[0][1]):
+            self._finish_first()
 
     def drain(self) -> None:
         while self._pending:
-            self._pending.popleft()[1].result()
+            self._finish_first()
+
+    def cancel(self) -> None:
+        for lane in self._lanes:
+            lane.shutdown(cancel_futures=True)
+
+    def _finish_first(self) -> None:
+        for future in self._pending.popleft()[1]:
+            future.result()
 
 
 class _Buffers:
@@ -499,30 +521,33 @@ def _outputs(
         return [by_result.get(id(result), base_rounded) for result in results]
 
 
-def _write_all(
+def _writes(
     writers: Sequence[ShardWriter],
     name: str,
     outputs: Sequence[torch.Tensor],
     clock: _PhaseClock,
-    pinned: torch.Tensor | None,
+    stagings: Sequence[torch.Tensor | None],
     buffers: "_Buffers | None",
-) -> None:
+) -> list[Callable[[], None]]:
+    """One job per output writing its tensor; whichever finishes last recycles the buffers (outputs may share one)."""
+    left = [len(outputs)]
+    lock = threading.Lock()
+
+    def write(writer: ShardWriter, output: torch.Tensor, staging: torch.Tensor | None) -> None:
+        with clock("write"):
+            writer.write(name, output, staging)
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last and buffers is not None:
+            buffers.give(outputs)
+
+    return [partial(write, *job) for job in zip(writers, outputs, stagings)]
+
+
+def _copy(writer: ShardWriter, tensor: OutputTensor, clock: _PhaseClock) -> None:
     with clock("write"):
-        for writer, output in zip(writers, outputs):
-            writer.write(name, output, pinned)
-    if buffers is not None:
-        buffers.give(outputs)
-
-
-def _copy_all(writers: Sequence[ShardWriter], tensor: OutputTensor, clock: _PhaseClock) -> None:
-    with clock("write"):
-        for writer in writers:
-            writer.copy(tensor.name, tensor.source)
-
-
-def _close_all(writers: Sequence[ShardWriter]) -> None:
-    for writer in writers:
-        writer.close()
+        writer.copy(tensor.name, tensor.source)
 
 
 def _merged(tensor: OutputTensor, edit: Edit, base: torch.Tensor, base_rounded: torch.Tensor, result: StreamTarget) -> torch.Tensor:
@@ -646,7 +671,7 @@ def cpu_block_elements(threads: int) -> int:
     return 1 << max(17, min(20, (per_thread // 16).bit_length() - 1))
 
 
-@functools.cache
+@cache
 def _last_level_cache() -> tuple[int, int] | None:
     """(bytes, CPUs sharing it) of CPU 0's highest-level data or unified cache, from Linux's sysfs; None
     where that cannot be read."""
