@@ -293,8 +293,8 @@ COMPUTE_WORKERS: int | None = None  # None: min(intra-op threads, MAX_COMPUTE_WO
 
 
 # Memory is bounded by bytes, not by model size: a few tensors in flight whatever the checkpoint.
-PREFETCH_BYTES = 128 << 20  # tensors read ahead of the compute (always at least one)
-WRITE_BYTES = 128 << 20  # computed bytes waiting for the writer (always at least one tensor)
+PREFETCH_BYTES = 64 << 20  # tensors read ahead of the compute (always at least one)
+WRITE_BYTES = 64 << 20  # computed bytes waiting for the writers (always at least one tensor)
 READS_IN_FLIGHT = 4  # chunk reads of one large tensor issued at once (keeps an NVMe queue busy)
 READ_AHEAD_BYTES = 1 << 30  # the kernel is asked to read this far past the compute (page cache, not RSS)
 ADVISE_BYTES = 64 << 20  # one posix_fadvise(WILLNEED) request
