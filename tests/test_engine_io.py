@@ -165,11 +165,17 @@ def test_buffers_are_reused_for_tensors_of_similar_size_and_bounded():
     buffers.give([first.view(torch.int16)])  # a view of the taken buffer, as outputs are
     again = buffers.take(900)
     assert again.data_ptr() == first.data_ptr() and again.numel() == 900
-    assert buffers.take(300).data_ptr() != first.data_ptr()  # not for a tensor under half its size
-    buffers.give([again, again, torch.empty(10, dtype=torch.uint8)])  # repeats and strangers are ignored
-    big = [buffers.take(1000) for _ in range(4)]
+    small = buffers.take(300)
+    assert small.data_ptr() != first.data_ptr()  # not for a tensor under half its size
+    buffers.give([again, again, small, torch.empty(10, dtype=torch.uint8)])  # repeats and strangers are ignored
+    assert buffers._held == 1300 and len(buffers._idle) == 2
+    big = [buffers.take(1000) for _ in range(4)]  # the idle 1000 one, then new ones: the idle 300 one goes first
+    assert big[0].data_ptr() == first.data_ptr() and not buffers._idle and buffers._held == 4000  # all lent: over the limit
     buffers.give(big)
-    assert sum(b.numel() for b in buffers._idle) <= 3000 and not buffers._lent.keys() & {b.data_ptr() for b in big}
+    huge = buffers.take(5000)  # no idle buffer fits: every idle one goes before a new one is made
+    assert not buffers._idle and buffers._held == 5000 and huge.numel() == 5000
+    huge.fill_(7)
+    assert int(huge.sum()) == 35000  # writable memory of its own
 
 
 @pytest.fixture

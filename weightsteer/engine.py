@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+import mmap
 import os
 import threading
 import time
@@ -185,8 +186,8 @@ def stream(
     total = sum(_read_bytes(t) for t in ordered)
     opened: list[ShardWriter] = []
     with (
-        # as many idle bytes as can ever be in flight: steady state allocates nothing
-        _cpu_buffers(device, PREFETCH_BYTES + WRITE_BYTES + 2 * largest) as buffers,
+        # about what can be in flight (queued reads and writes, and the tensor being computed): little churn
+        _cpu_buffers(device, PREFETCH_BYTES + WRITE_BYTES + 3 * largest) as buffers,
         ThreadPoolExecutor(1, "weightsteer-read") as reader,
         ThreadPoolExecutor(READS_IN_FLIGHT, "weightsteer-read-chunk") as chunks,
         _WriteLanes(len(results)) as writes,
@@ -363,23 +364,33 @@ class _WriteLanes:
 class _Buffers:
     """CPU memory for read tensors and computed outputs, recycled once their bytes are written.
 
-    A fresh allocation per tensor costs page faults and zero-filling each time, and freed blocks scatter
-    the heap. Measured on the 2-core machine (8B shape, 8 layers, 117 MB projections), two runs each: peak
-    RSS 1620-1967 MB with a fresh allocation per tensor, 1262-1509 MB (once 2190) with two of the largest tensors
-    kept idle, 1027-1028 MB with as many as can be in flight (the limit the engine gives). Keeps at most
-    `limit` idle bytes; a buffer is reused for a tensor of at least half its size."""
+    A fresh allocation per tensor costs page faults and zero-filling each time. Buffers are anonymous
+    memory maps, not heap blocks: a buffer let go returns its memory at once, where the heap, holding
+    blocks of several sizes freed in whatever order the threads finish, grew past what was in use
+    (16-core machine, 8B shape: peak RSS 1.39-1.88 GB from heap buffers). The pool holds at most `limit`
+    bytes, lent and idle together, unless more are lent at once: to make a buffer that no idle one fits,
+    it first lets idle buffers go, the largest first. A buffer is reused for a tensor of at least half
+    its size."""
 
     def __init__(self, limit: int):
         self._limit = limit
         self._idle: list[torch.Tensor] = []
         self._lent: dict[int, torch.Tensor] = {}  # data_ptr → whole buffer
+        self._held = 0  # bytes of every buffer, lent or idle
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> torch.Tensor:
         """A uint8 CPU tensor of `nbytes` (a view of the start of a buffer)."""
         with self._lock:
             fits = [i for i, b in enumerate(self._idle) if nbytes <= b.numel() <= 2 * nbytes]
-            whole = self._idle.pop(min(fits, key=lambda i: self._idle[i].numel())) if fits else torch.empty(nbytes, dtype=torch.uint8)
+            if fits:
+                whole = self._idle.pop(min(fits, key=lambda i: self._idle[i].numel()))
+            else:
+                self._idle.sort(key=torch.Tensor.numel)
+                while self._idle and self._held + nbytes > self._limit:
+                    self._held -= self._idle.pop().numel()
+                whole = _mapped(nbytes)
+                self._held += nbytes
             self._lent[whole.data_ptr()] = whole
         return whole[:nbytes]
 
@@ -387,14 +398,20 @@ class _Buffers:
         with self._lock:
             self._idle.clear()
             self._lent.clear()
+            self._held = 0
 
     def give(self, tensors: Sequence[torch.Tensor]) -> None:
         """Take back the buffers of these tensors (views of taken buffers; others, and repeats, are ignored)."""
         with self._lock:
             for tensor in tensors:
                 whole = self._lent.pop(tensor.data_ptr(), None)
-                if whole is not None and sum(b.numel() for b in self._idle) + whole.numel() <= self._limit:
+                if whole is not None:
                     self._idle.append(whole)
+
+
+def _mapped(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor over fresh anonymous memory, unmapped when the last tensor viewing it is freed."""
+    return torch.frombuffer(mmap.mmap(-1, max(1, nbytes)), dtype=torch.uint8)[:nbytes]
 
 
 class ReadAhead:
