@@ -79,6 +79,27 @@ def _stats_by_hand(base: torch.Tensor, target: torch.Tensor, rounded: torch.Tens
     return step * changed, step * (changed - kept), step * float((diff**2).sum()), step * float((error**2).sum())
 
 
+@pytest.mark.parametrize(
+    "cache, threads, log2",
+    [
+        ((8 << 20, 2), 2, 18),  # the 2-core machine: 4 MiB a worker, 16 bytes an element
+        ((8 << 20, 2), 1, 19),
+        ((300 << 20, 16), 4, 20),  # the H200 machine: capped at 2²⁰
+        ((512 << 10, 1), 4, 17),  # a small cache: not below 2¹⁷ (the loop's Python cost)
+        ((32 << 20, 8), 16, 18),  # shared by 8 CPUs: 16 threads count as 8
+        (None, 4, 20),  # unknown cache
+    ],
+)
+def test_cpu_blocks_fit_each_threads_share_of_the_last_level_cache(cache, threads, log2, monkeypatch):
+    monkeypatch.setattr(engine, "_last_level_cache", lambda: cache)
+    assert engine.cpu_block_elements(threads) == 1 << log2
+
+
+def test_cache_sizes_and_cpu_lists_as_sysfs_writes_them():
+    assert [engine._cache_bytes(text) for text in ("512K", "32M", "1G", "1024")] == [512 << 10, 32 << 20, 1 << 30, 1024]
+    assert [engine._span(part) for part in ("3", "0-7", "64-71")] == [1, 8, 8]
+
+
 @pytest.mark.parametrize("workers", [0, 1, 3])  # 0: blocks on the caller's thread
 def test_row_block_update_is_the_unblocked_formula_bit_for_bit(workers, monkeypatch):
     monkeypatch.setattr(engine, "CPU_BLOCK_ELEMENTS", 96 * 10)  # ~10 rows per block: 33 blocks

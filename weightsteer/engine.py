@@ -15,8 +15,8 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from functools import cache, partial
 from dataclasses import dataclass
+from functools import cache, partial
 from typing import Callable, Protocol, Sequence
 from pathlib import Path
 
@@ -747,8 +747,7 @@ def _low_rank_blocked(
     sizes = [end - start for start, end in blocks]
     firsts = [-start % step for start, _ in blocks]  # each block's first sampled row
     counts = [len(range(first, size, step)) for first, size in zip(firsts, sizes)]
-    sampled_rows = range(0, rows, step)
-    sampled_targets = [torch.empty(len(sampled_rows), cols, device=stored.device) for _ in results]
+    sampled_targets = [torch.empty(len(range(0, rows, step)), cols, device=stored.device) for _ in results]
     # Every block's views in one call per tensor: a Python slice costs microseconds, a block's math a few hundred.
     stored_blocks = stored.split(sizes)
     left_blocks = [left.split(sizes) for left, _ in factors]
