@@ -204,11 +204,9 @@ def stream(
                 shard_writers = [ShardWriter(staging / shard, layout, metadata) for staging in stagings]
                 opened += shard_writers
                 for tensor in tensors:
-                    if isinstance(tensor, NewTensor):  # a change to an all-zero base tensor
-                        outputs = _outputs(tensor, edits[tensor.name], _zeros(tensor, device), results, clock, workers, buffers)
-                        writes.submit(tensor.nbytes * len(outputs), _writes(shard_writers, tensor.name, outputs, clock, stagings_pinned, buffers))
-                    elif _needs_read(tensor, edits):
-                        stored = reads.next()
+                    if isinstance(tensor, NewTensor) or _needs_read(tensor, edits):
+                        # a NewTensor is a change to an all-zero base tensor
+                        stored = _zeros(tensor, device) if isinstance(tensor, NewTensor) else reads.next()
                         outputs = _outputs(tensor, edits.get(tensor.name), stored, results, clock, workers, buffers)
                         if buffers is not None and all(o.data_ptr() != stored.data_ptr() for o in outputs):
                             buffers.give([stored])  # else an output is the stored tensor: recycled once written
@@ -663,9 +661,11 @@ def row_blocks(rows: int, cols: int, device: torch.device, workers: ThreadPoolEx
     block's worth per thread."""
     if device.type == "cuda":
         elements = GPU_BLOCK_ELEMENTS
+    elif workers is not None:
+        elements = cpu_block_elements(workers._max_workers)
     else:
-        threads = workers._max_workers if workers is not None else torch.get_num_threads()
-        elements = cpu_block_elements(threads) * (1 if workers is not None else threads)
+        threads = torch.get_num_threads()
+        elements = cpu_block_elements(threads) * threads
     count = max(1, min(rows // MIN_BLOCK_ROWS, rows * cols // elements))
     bounds = [rows * i // count for i in range(count + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
