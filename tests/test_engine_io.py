@@ -80,24 +80,23 @@ def _stats_by_hand(base: torch.Tensor, target: torch.Tensor, rounded: torch.Tens
 
 
 @pytest.mark.parametrize(
-    "cache, threads, log2",
+    "l2, log2",
     [
-        ((8 << 20, 2), 2, 18),  # the 2-core machine: 4 MiB a worker, 16 bytes an element
-        ((8 << 20, 2), 1, 19),
-        ((300 << 20, 16), 4, 20),  # the H200 machine: capped at 2²⁰
-        ((512 << 10, 1), 4, 17),  # a small cache: not below 2¹⁷ (the loop's Python cost)
-        ((32 << 20, 8), 16, 18),  # shared by 8 CPUs: 16 threads count as 8
-        (None, 4, 20),  # unknown cache
+        (512 << 10, 18),  # the 2-core machines: half of 512 KiB, in bytes
+        (2 << 20, 20),  # the H200 machine
+        (1 << 20, 19),
+        (256 << 10, 17),  # a small cache: not below 2¹⁷ (the loop's Python cost)
+        (32 << 20, 20),  # capped
+        (None, 20),  # unknown cache
     ],
 )
-def test_cpu_blocks_fit_each_threads_share_of_the_last_level_cache(cache, threads, log2, monkeypatch):
-    monkeypatch.setattr(engine, "_last_level_cache", lambda: cache)
-    assert engine.cpu_block_elements(threads) == 1 << log2
+def test_cpu_blocks_take_half_the_bytes_of_a_cores_l2_cache(l2, log2, monkeypatch):
+    monkeypatch.setattr(engine, "_core_cache_bytes", lambda level: l2 if level == 2 else None)
+    assert engine.cpu_block_elements() == 1 << log2
 
 
-def test_cache_sizes_and_cpu_lists_as_sysfs_writes_them():
+def test_cache_sizes_as_sysfs_writes_them():
     assert [engine._cache_bytes(text) for text in ("512K", "32M", "1G", "1024")] == [512 << 10, 32 << 20, 1 << 30, 1024]
-    assert [engine._span(part) for part in ("3", "0-7", "64-71")] == [1, 8, 8]
 
 
 @pytest.mark.parametrize("workers", [0, 1, 3])  # 0: blocks on the caller's thread
@@ -215,13 +214,13 @@ def test_sharded_bf16_merge_of_several_coeffs_matches_peft_and_the_full_tensor_p
     base = build_base("llama", tmp_path / "base", shard_size="60KB", dtype=torch.bfloat16)
     assert len(list(base.glob("*.safetensors"))) > 1
     adapter = make_adapter(base, tmp_path / "adapter", DeloraConfig(r=4, delora_lambda=2, target_modules=TARGETS))
-    low_rank_blocked = engine._low_rank_blocked
+    low_rank_streamed = engine._low_rank_streamed
     coeffs = (0.5, -1.0, 0.0)
     outs = {c: tmp_path / f"c{c:g}" for c in coeffs}
     blocked = []
-    monkeypatch.setattr(engine, "_low_rank_blocked", lambda tensor, *args: blocked.append(tensor.name) or low_rank_blocked(tensor, *args))
+    monkeypatch.setattr(engine, "_low_rank_streamed", lambda tensor, *args: blocked.append(tensor.name) or low_rank_streamed(tensor, *args))
     results = weightsteer.merge_many(adapter, outs, base=base)
-    assert len(blocked) == 7 * 2  # every projection of both layers took the row-block path
+    assert len(blocked) == 7 * 2  # every projection of both layers went from file to files in row blocks
     assert_base_identical(base, outs[0.0])
     peft_model = PeftModel.from_pretrained(load_base(base), adapter)
     stored = {k: v for f in base.glob("*.safetensors") for k, v in load_file(f).items()}
@@ -293,9 +292,11 @@ def test_a_buffer_shared_by_outputs_is_recycled_only_after_its_last_write():
 
 
 def test_outputs_written_in_parallel_lanes_equal_one_merge_each(tmp_path, small_queues, monkeypatch):
-    """One lane slowed: the others run ahead, and every output is still byte for byte its own merge."""
+    """One lane slowed: the others run ahead, and every output is still byte for byte its own merge. Whole
+    tensors go through the lanes (not low-rank here: the block-streamed path writes from the compute threads)."""
     base = build_base("llama", tmp_path / "base", shard_size="60KB", dtype=torch.bfloat16)
     adapter = make_adapter(base, tmp_path / "adapter", DeloraConfig(r=4, delora_lambda=20, target_modules=["q_proj", "down_proj"]))
+    monkeypatch.setattr(engine, "_row_factors", lambda *args: None)
     write, slowed = checkpoint.ShardWriter.write, []
 
     def slow_for_one_output(self, *args):
@@ -318,3 +319,44 @@ def test_cpu_buffers_are_released_when_the_stream_fails():
         assert buffers._idle
         raise ZeroDivisionError  # the stream fails
     assert not buffers._idle and not buffers._lent
+
+
+def test_a_base_cut_short_during_a_block_streamed_merge_fails_in_one_line_and_leaves_nothing(tmp_path, small_queues, monkeypatch):
+    """The base file shrinks after planning (another process rewrites it): the block reads find its end, the
+    merge fails with one line naming the file, and no output or staging folder is left."""
+    base = build_base("llama", tmp_path / "base", shard_size="60KB", dtype=torch.bfloat16)
+    adapter = make_adapter(base, tmp_path / "adapter", DeloraConfig(r=4, delora_lambda=2, target_modules=["down_proj"]))
+    streamed_factors, cut = engine._streamed_factors, []
+
+    def cut_before_the_last_layer(tensor, *args):
+        if tensor.name.startswith("model.layers.1.") and not cut:
+            data = tensor.source.file.read_bytes()
+            cut.append(tensor.source.file.write_bytes(data[: tensor.source.start + tensor.source.nbytes // 2]))
+        return streamed_factors(tensor, *args)
+
+    monkeypatch.setattr(engine, "_streamed_factors", cut_before_the_last_layer)
+    monkeypatch.setattr(engine, "COMPUTE_WORKERS", 3)
+    with pytest.raises(weightsteer.BaseModelError, match="file ends inside tensor 'model.layers.1.mlp.down_proj.weight'; it is truncated"):
+        weightsteer.merge_many(adapter, {0.5: tmp_path / "a", -1.0: tmp_path / "b"}, base=base)
+    assert cut and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+
+
+def test_an_interrupt_while_the_workers_compute_is_raised_only_once_they_stopped(monkeypatch):
+    """Ctrl-C in the caller's wait: the workers stop at their next block and are done before the interrupt goes on
+    (their files are closed after it; a late write could land on a reused descriptor)."""
+    monkeypatch.setattr(engine, "CPU_BLOCK_ELEMENTS", 64 * 8)
+    waits, real_wait = [], engine.wait
+
+    def interrupted(futures):
+        waits.append(futures)
+        if len(waits) == 1:
+            raise KeyboardInterrupt
+        return real_wait(futures)
+
+    monkeypatch.setattr(engine, "wait", interrupted)
+    stored = torch.ones(4096, 64, dtype=torch.bfloat16)
+    result = SimpleNamespace(rounding=RoundingReport(), changed_tensors=[])
+    factors = [(torch.ones(4096, 1), torch.ones(1, 64))]
+    with ThreadPoolExecutor(2) as pool, pytest.raises(KeyboardInterrupt):
+        engine._low_rank_blocked(SimpleNamespace(name="w"), stored, factors, [_one_step(1.0)], [result], torch.bfloat16, pool)
+    assert len(waits) == 2 and all(future.done() for future in waits[0])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,18 +182,20 @@ def read_tensor(info: TensorInfo, into: torch.Tensor | None = None, pool: Execut
     with open(info.file, "rb", buffering=0) as f:
         if pool is None or len(pieces) < 2:
             for offset, length in pieces:
-                _read_exactly(f.fileno(), info, view, offset, length)
+                read_part(f.fileno(), info, view[offset : offset + length], offset)
         else:
-            for done in [pool.submit(_read_exactly, f.fileno(), info, view, offset, length) for offset, length in pieces]:
+            jobs = [pool.submit(read_part, f.fileno(), info, view[offset : offset + length], offset) for offset, length in pieces]
+            for done in jobs:
                 done.result()
     return buffer.view(info.torch_dtype).reshape(info.shape)
 
 
-def _read_exactly(fd: int, info: TensorInfo, view: memoryview, offset: int, length: int) -> None:
-    """Fill view[offset : offset + length] from the tensor's bytes at that offset."""
+def read_part(fd: int, info: TensorInfo, view: memoryview, offset: int) -> None:
+    """Fill `view` with the tensor's bytes from byte `offset` on (e.g. a block of its rows), from `fd`, an
+    open descriptor of its file."""
     done = 0
-    while done < length:
-        n = os.preadv(fd, [view[offset + done : offset + length]], info.start + offset + done)
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], info.start + offset + done)
         if n == 0:
             raise BaseModelError(f"{info.file}: file ends inside tensor {info.name!r}; it is truncated.")
         done += n
@@ -324,55 +327,70 @@ def _read_index(root: Path, path: Path) -> dict:
 
 
 class ShardWriter:
-    """Writes one safetensors file tensor by tensor, in a layout fixed up front."""
+    """Writes one safetensors file in a layout fixed up front: each tensor's bytes go to their own place in the
+    file, whole or a row block at a time, in any order and from several threads; `close` checks that every
+    byte was written."""
 
     def __init__(self, path: Path, layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]):
         header: dict[str, object] = {"__metadata__": metadata}
         offset = 0
-        self._order: list[tuple[str, int]] = []
+        spans: dict[str, tuple[int, int]] = {}
         for name, dtype, shape in layout:
             nbytes = dtype_itemsize(dtype) * _numel(shape)
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self._order.append((name, nbytes))
+            spans[name] = (offset, nbytes)
             offset += nbytes
-        self.nbytes = offset
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
+        start = 8 + len(encoded)
+        self._spans = {name: (start + at, nbytes) for name, (at, nbytes) in spans.items()}  # absolute
+        self._left = {name: nbytes for name, (_, nbytes) in spans.items()}  # bytes not written yet
+        self._lock = threading.Lock()
+        self.nbytes = offset
         self.path = path
         self._file = open(path, "wb", buffering=0)
-        self._write(struct.pack("<Q", len(encoded)) + encoded)
-        self._next = 0
+        self._put(0, struct.pack("<Q", len(encoded)) + encoded)
 
-    def _expect(self, name: str, nbytes: int) -> None:
-        expected_name, expected_bytes = self._order[self._next]
-        if (name, nbytes) != (expected_name, expected_bytes):
-            raise AssertionError(f"{self.path}: wrote {name} ({nbytes} B), expected {expected_name} ({expected_bytes} B)")
-        self._next += 1
+    def _place(self, name: str, offset: int, nbytes: int) -> int:
+        """The file offset of bytes [offset, offset + nbytes) of tensor `name`, counted as written."""
+        start, size = self._spans[name]
+        if not 0 <= offset <= offset + nbytes <= size:
+            raise AssertionError(f"{self.path}: {nbytes} B at {offset} of {name}, which has {size} B")
+        with self._lock:
+            self._left[name] -= nbytes
+        return start + offset
 
-    def _write(self, data) -> None:
+    def _put(self, at: int, data) -> None:
         view = memoryview(data).cast("B")
         while view:
-            view = view[self._file.write(view[:WRITE_PIECE]) :]
+            written = os.pwrite(self._file.fileno(), view[:WRITE_PIECE], at)
+            view, at = view[written:], at + written
 
     def write(self, name: str, tensor: torch.Tensor, staging: torch.Tensor | None = None) -> None:
-        """Append a tensor's bytes; a GPU tensor goes through `staging` (a page-locked uint8 buffer) if given."""
+        """A whole tensor's bytes; a GPU tensor goes through `staging` (a page-locked uint8 buffer) if given."""
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        self._expect(name, data.numel())
+        if data.numel() != self._spans[name][1]:
+            raise AssertionError(f"{self.path}: wrote {name} ({data.numel()} B), expected {self._spans[name][1]} B")
         if data.device.type == "cpu":
-            self._write(data.numpy())
+            self.write_part(name, 0, data.numpy())
         elif staging is None:
-            self._write(data.cpu().numpy())
+            self.write_part(name, 0, data.cpu().numpy())
         else:
-            self._write_staged(data, staging)
+            self._write_staged(name, data, staging)
 
-    def _write_staged(self, data: torch.Tensor, staging: torch.Tensor) -> None:
+    def write_part(self, name: str, offset: int, data) -> None:
+        """Bytes of tensor `name` from byte `offset` on, from a bytes-like object (e.g. a block of its rows)."""
+        view = memoryview(data).cast("B")
+        self._put(self._place(name, offset, len(view)), view)
+
+    def _write_staged(self, name: str, data: torch.Tensor, staging: torch.Tensor) -> None:
         """A GPU tensor's bytes through the two halves of `staging`: while one half is written to the file,
         the GPU's copy engine fills the other with the next piece (on a side stream, after the work queued
         so far on the current one), so the device-to-host copies hide behind the writes."""
         piece = max(1, min(STAGE_PIECE, staging.numel() // 2))
         stream = torch.cuda.Stream(data.device)
         stream.wait_stream(torch.cuda.current_stream(data.device))
-        pending = None  # the piece copied last, not yet written
+        pending = None  # the piece copied last, not yet written: (offset, host bytes, event)
         for i, start in enumerate(range(0, data.numel(), piece)):
             half = staging[(i % 2) * piece :][:piece]  # last used by piece i − 2, written out already
             count = min(piece, data.numel() - start)
@@ -380,27 +398,29 @@ class ShardWriter:
                 half[:count].copy_(data[start : start + count], non_blocking=True)
                 copied = stream.record_event()
             if pending is not None:
-                self._write_copied(*pending)
-            pending = (half[:count], copied)
+                self._write_copied(name, *pending)
+            pending = (start, half[:count], copied)
         if pending is not None:
-            self._write_copied(*pending)
+            self._write_copied(name, *pending)
 
-    def _write_copied(self, host: torch.Tensor, copied: "torch.cuda.Event") -> None:
+    def _write_copied(self, name: str, offset: int, host: torch.Tensor, copied: "torch.cuda.Event") -> None:
         copied.synchronize()
-        self._write(host.numpy())
+        self.write_part(name, offset, host.numpy())
 
     def copy(self, name: str, info: TensorInfo) -> None:
         """Write tensor `name` as an unchanged copy of `info`'s bytes (in the kernel where possible)."""
-        self._expect(name, info.nbytes)
+        if info.nbytes != self._spans[name][1]:
+            raise AssertionError(f"{self.path}: copied {name} ({info.nbytes} B), expected {self._spans[name][1]} B")
+        at = self._place(name, 0, info.nbytes)
         with open(info.file, "rb", buffering=0) as src:
             done = 0
             while done < info.nbytes:
                 count = min(_COPY_CHUNK, info.nbytes - done)
                 try:
-                    n = os.copy_file_range(src.fileno(), self._file.fileno(), count, info.start + done)
+                    n = os.copy_file_range(src.fileno(), self._file.fileno(), count, info.start + done, at + done)
                 except OSError:  # no in-kernel copy here: through memory, a read chunk at a time
                     data = os.pread(src.fileno(), min(count, READ_CHUNK), info.start + done)
-                    self._write(data)
+                    self._put(at + done, data)
                     n = len(data)
                 if n == 0:
                     raise BaseModelError(f"{info.file}: file ends inside tensor {info.name!r}; it is truncated.")
@@ -408,8 +428,9 @@ class ShardWriter:
 
     def close(self) -> None:
         self._file.close()
-        if self._next != len(self._order):
-            raise AssertionError(f"{self.path}: {len(self._order) - self._next} tensors were never written")
+        missing = [name for name, left in self._left.items() if left]
+        if missing:
+            raise AssertionError(f"{self.path}: {len(missing)} tensors were not written exactly once, the first {missing[0]}")
 
     def abort(self) -> None:
         self._file.close()

@@ -1,7 +1,9 @@
 """The streaming engine: read the base once, compute every changed tensor in fp32, write each output
 shard by shard. Reading, computing and writing overlap: one thread prefetches the tensors to change, the
-caller's thread (with compute workers on a CPU) computes, one thread per output writes its shards in
-order. Nothing here decides what changes (planner) or what else goes into an output folder (provenance)."""
+caller's thread (with compute workers on a CPU) computes, one thread per output writes its shards. On a CPU
+a low-rank change skips the prefetch and the writers: the compute workers read its row blocks from the base
+file and write them, rounded, straight into the output files. Nothing here decides what changes (planner)
+or what else goes into an output folder (provenance)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache, partial
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import DTYPES, STAGE_PIECE, ShardWriter, TensorInfo
+from .checkpoint import DTYPES, FLOAT_CODES, STAGE_PIECE, ShardWriter, TensorInfo, read_part
 from .errors import AdapterError
 from .outputs import fault_point
 from .planner import Composition, Edit, MergePlan, NewTensor, OutputTensor
@@ -65,7 +67,7 @@ class RoundingReport:
         self.overflowed += count
 
     def add(self, base: torch.Tensor, target: torch.Tensor, rounded: torch.Tensor, base_rounded: torch.Tensor) -> None:
-        step = sample_step(target)
+        step = sample_step(target.shape)
         self.add_sample(step, *(t[::step] for t in (base, target, rounded, base_rounded)))
 
     def add_sample(self, step: int, base: torch.Tensor, target: torch.Tensor, rounded: torch.Tensor, base_rounded: torch.Tensor) -> None:
@@ -105,9 +107,9 @@ class RoundingReport:
         )
 
 
-def sample_step(tensor: torch.Tensor) -> int:
-    """Every how many rows the rounding statistics of this tensor look (1: all of it)."""
-    return max(1, tensor.numel() // SAMPLE_ELEMENTS) if tensor.dim() > 1 else 1
+def sample_step(shape: Sequence[int]) -> int:
+    """Every how many rows the rounding statistics of a tensor of this shape look (1: all of it)."""
+    return max(1, math.prod(shape) // SAMPLE_ELEMENTS) if len(shape) > 1 else 1
 
 
 def _keep_freed_memory_for_reuse() -> None:
@@ -153,8 +155,11 @@ class _PhaseClock:
         try:
             yield
         finally:
-            with self._lock:
-                self.seconds[phase] += time.perf_counter() - start
+            self.add(phase, time.perf_counter() - start)
+
+    def add(self, phase: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[phase] += seconds
 
 
 def stream(
@@ -196,7 +201,12 @@ def stream(
         tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress) as bar,
     ):
         into = (lambda t: read_pinned) if buffers is None else (lambda t: buffers.take(t.source.nbytes))
-        reads = _Prefetch(reader, computed, lambda t: _read(plan, t, device, clock, into(t), chunks))
+
+        def fetch(tensor: OutputTensor) -> "torch.Tensor | _RowFactors":
+            factors = _streamed_factors(tensor, edits.get(tensor.name), device, clock)
+            return _read(plan, tensor, device, clock, into(tensor), chunks) if factors is None else factors
+
+        reads = _Prefetch(reader, computed, fetch)
         try:
             for shard, tensors in plan.shards.items():
                 layout = [(t.name, t.dtype, t.shape) for t in tensors]
@@ -207,11 +217,14 @@ def stream(
                     if isinstance(tensor, NewTensor) or _needs_read(tensor, edits):
                         # a NewTensor is a change to an all-zero base tensor
                         stored = _zeros(tensor, device) if isinstance(tensor, NewTensor) else reads.next()
-                        outputs = _outputs(tensor, edits.get(tensor.name), stored, results, clock, workers, buffers)
-                        if buffers is not None and all(o.data_ptr() != stored.data_ptr() for o in outputs):
-                            buffers.give([stored])  # else an output is the stored tensor: recycled once written
-                        nbytes = sum(o.numel() * o.element_size() for o in outputs)
-                        writes.submit(nbytes, _writes(shard_writers, tensor.name, outputs, clock, stagings_pinned, buffers))
+                        if isinstance(stored, _RowFactors):  # from the base file into the output files, block by block
+                            _low_rank_streamed(tensor, stored, edits[tensor.name], results, shard_writers, workers, clock)
+                        else:
+                            outputs = _outputs(tensor, edits.get(tensor.name), stored, results, clock, workers, buffers)
+                            if buffers is not None and all(o.data_ptr() != stored.data_ptr() for o in outputs):
+                                buffers.give([stored])  # else an output is the stored tensor: recycled once written
+                            nbytes = sum(o.numel() * o.element_size() for o in outputs)
+                            writes.submit(nbytes, _writes(shard_writers, tensor.name, outputs, clock, stagings_pinned, buffers))
                     else:
                         writes.submit(0, [partial(_copy, w, tensor, clock) for w in shard_writers])
                     read_ahead.consumed(_read_bytes(tensor))
@@ -408,8 +421,11 @@ class _Buffers:
 
 
 def _mapped(nbytes: int) -> torch.Tensor:
-    """A uint8 tensor over fresh anonymous memory, unmapped when the last tensor viewing it is freed."""
-    return torch.frombuffer(mmap.mmap(-1, max(1, nbytes)), dtype=torch.uint8)[:nbytes]
+    """A uint8 tensor over fresh anonymous memory, unmapped when the last tensor viewing it is freed. Private,
+    not Python's default shared mapping (shmem): its pages fault in about 25 % faster."""
+    private = getattr(mmap, "MAP_PRIVATE", 0)  # Windows' mmap has no flags
+    region = mmap.mmap(-1, max(1, nbytes), flags=private) if private else mmap.mmap(-1, max(1, nbytes))
+    return torch.frombuffer(region, dtype=torch.uint8)[:nbytes]
 
 
 class ReadAhead:
@@ -521,7 +537,7 @@ def _outputs(
         # Row blocks only below fp32: the factors' arithmetic (e.g. LoRA's (s·B) A for weight()'s s·(B A)) may
         # differ in the last fp32 bit, which an fp32 output keeps and rounding to bf16/fp16 absorbs; an fp32
         # output also needs no conversion, the blocks' main saving.
-        factors = [_row_factors(edit, stored) if dtype.itemsize < 4 else None for edit, _ in edited]
+        factors = [_row_factors(edit, tuple(stored.shape), stored.device) if dtype.itemsize < 4 else None for edit, _ in edited]
         base_rounded = None
         if edited and all(f is not None for f in factors):
             merged = _low_rank_blocked(tensor, stored, factors, *zip(*edited), dtype, workers, buffers)
@@ -603,9 +619,11 @@ def _check_finite(tensor: OutputTensor, edit: Edit, target: torch.Tensor, dtype:
     Stability of Numerical Algorithms, §4.2), so a computed norm within half the range puts the exact one
     within 0.65 of it: the half is a bound, not a heuristic."""
     flat = target.reshape(-1)
-    pieces = (flat,) if flat.numel() <= NORM_PIECE else flat.split(NORM_PIECE)
-    norm_sq = max((float(torch.dot(piece, piece)) for piece in pieces), default=0.0)
-    limit = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+    if flat.numel() <= NORM_PIECE:  # a row block: one dot, no generator (this runs for every block)
+        norm_sq = float(torch.dot(flat, flat))
+    else:
+        norm_sq = max(float(torch.dot(piece, piece)) for piece in flat.split(NORM_PIECE))
+    limit = _largest(dtype)
     if math.sqrt(norm_sq) <= limit / 2:  # False for NaN and inf
         return False
     if not bool(torch.isfinite(target).all()):
@@ -619,40 +637,71 @@ def _check_finite(tensor: OutputTensor, edit: Edit, target: torch.Tensor, dtype:
 NORM_PIECE = 1 << 23  # n·u = 1/2
 
 
+@cache
+def _largest(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+
+
 # ---- low-rank changes in row blocks ---------------------------------------------------------------
 # W' = W + L R (L: rows × r, R: r × cols) touches each element once: a block of rows is converted to fp32,
 # updated and rounded into the output while it sits in the CPU cache, instead of full-size fp32 passes
-# (convert, add, check, round) over main memory. Row i of W' depends on row i of W and of L only, so the
-# blocked result is the unblocked formula's, element for element.
+# (convert, add, check, round) over main memory; on a CPU the block is also read from the base file and
+# written to the outputs from the cache. Row i of W' depends on row i of W and of L only, so the blocked
+# result is the unblocked formula's, element for element.
 
-CPU_BLOCK_ELEMENTS: int | None = None  # None: from the CPU's last-level cache (cpu_block_elements)
+CPU_BLOCK_ELEMENTS: int | None = None  # None: from the size of a core's L2 cache (cpu_block_elements)
 GPU_BLOCK_ELEMENTS = 1 << 28  # on a GPU every tensor of a real model is one block
 MIN_BLOCK_ROWS = 8  # a matrix product over fewer rows may take another kernel (e.g. one row: gemv)
 
 
-def _row_factors(edit: Edit, stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(L, R) with edit(W) = W + L R in the stored orientation, where the edit is one adapter's change and
+def _row_factors(edit: Edit, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(L, R) with edit(W) = W + L R for a stored W of this shape, where the edit is one adapter's change and
     the family's change at that coeff is an exact product of small factors (AdapterFamily.low_rank);
     None otherwise (compositions of several steps take the full-tensor path)."""
-    if len(edit.steps) != 1 or stored.dim() != 2:
+    if len(edit.steps) != 1 or len(shape) != 2:
         return None
     step = edit.steps[0]
     change = step.change
     if change.part != "weight" or step.scheme.apply is None:
         return None
     transposed = change.state.fan_in_fan_out
-    shape = tuple(stored.T.shape if transposed else stored.shape)
-    factors = change.family.low_rank(step.scheme.apply(change.state, step.coeff), shape)
+    factors = change.family.low_rank(step.scheme.apply(change.state, step.coeff), shape[::-1] if transposed else shape)
     if factors is None:
         return None
     left, right = factors
     if transposed:  # (W_lin + B A)ᵀ = W + Aᵀ Bᵀ
         left, right = right.T, left.T
     rank = left.shape[-1]
-    if left.shape != (stored.shape[0], rank) or right.shape != (rank, stored.shape[1]):
+    if left.shape != (shape[0], rank) or right.shape != (rank, shape[1]):
         return None
-    device = stored.device
     return left.to(device, torch.float32).contiguous(), right.to(device, torch.float32).contiguous()
+
+
+@dataclass
+class _RowFactors:
+    """What the reader hands over for a tensor computed from its file block by block instead of its bytes:
+    each output's (L, R) with W' = W + L R."""
+
+    factors: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _streamed_factors(
+    tensor: OutputTensor, edits: list[Edit | None] | None, device: torch.device, clock: _PhaseClock
+) -> _RowFactors | None:
+    """On a CPU, a tensor every output changes by an exact low-rank product (rounded below fp32, shape kept) is
+    read, computed and written a row block at a time by the compute threads: each block's bytes are converted
+    while still in the CPU cache after their read, and written from it after their rounding, where whole
+    tensors made two trips through main memory (read into a buffer, converted from it; rounded into one,
+    written from it). Measured on the 2-core machine (~0.8B fixture, five interleaved rounds in one process):
+    1.61-1.74 s and 2.8-3.0 CPU-seconds, against 1.90-2.49 s and 3.2-4.1 with whole tensors."""
+    shape = tuple(tensor.source.shape)
+    if device.type != "cpu" or not edits or any(e is None for e in edits) or DTYPES[tensor.dtype].itemsize >= 4:
+        return None
+    if tuple(tensor.shape) != shape or tensor.source.dtype not in FLOAT_CODES:
+        return None
+    with clock("compute"):
+        factors = [_row_factors(edit, shape, device) for edit in edits]
+    return None if any(f is None for f in factors) else _RowFactors(factors)
 
 
 def row_blocks(rows: int, cols: int, device: torch.device, workers: ThreadPoolExecutor | None = None) -> list[tuple[int, int]]:
@@ -662,61 +711,47 @@ def row_blocks(rows: int, cols: int, device: torch.device, workers: ThreadPoolEx
     if device.type == "cuda":
         elements = GPU_BLOCK_ELEMENTS
     elif workers is not None:
-        elements = cpu_block_elements(workers._max_workers)
+        elements = cpu_block_elements()
     else:
-        threads = torch.get_num_threads()
-        elements = cpu_block_elements(threads) * threads
+        elements = cpu_block_elements() * torch.get_num_threads()
     count = max(1, min(rows // MIN_BLOCK_ROWS, rows * cols // elements))
     bounds = [rows * i // count for i in range(count + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def cpu_block_elements(threads: int) -> int:
-    """Elements of one CPU row block: a power of two between 2¹⁷ and 2²⁰ whose working set (fp32 block,
-    stored rows, output rows: 8 bytes an element, twice over for the reader's and writer's traffic) fits
-    each computing thread's share of the last-level cache; 2²⁰ where the cache size is unknown. Measured on
-    the 2-core machine (8 MiB L3, two workers; stream of the ~0.8B fixture): 2¹⁷ 1.72-1.83 s, 2¹⁸ 1.63-1.74 s,
-    2¹⁹ 1.67-1.82 s, 2²⁰ 1.93-2.27 s; larger blocks cost fewer Python steps a byte (the GIL), which on the
-    16-core machine made 2²⁰ faster than 2¹⁸."""
+def cpu_block_elements() -> int:
+    """Elements of one CPU row block: a power of two between 2¹⁷ and 2²⁰, half the bytes of a core's L2
+    cache; 2²⁰ where the cache size is unknown. Smaller blocks cost more Python steps a byte (the GIL),
+    larger ones spill the block's fp32 rows out of the L2. Calibrated on the ~0.8B fixture with two workers:
+    512 KiB L2, 8 MiB L3 (Zen 1, whole tensors read ahead): 2¹⁷ 1.72-1.83 s, 2¹⁸ 1.63-1.74 s,
+    2¹⁹ 1.67-1.82 s, 2²⁰ 1.93-2.27 s; 512 KiB L2, 32 MiB L3 (Zen 3, blocks streamed from the file, five
+    interleaved rounds): 2¹⁷ 1.74-2.08 s, 2¹⁸ 1.60-2.03 s, 2¹⁹ 1.75-1.96 s, 2²⁰ 2.11-2.61 s. On the 16-core
+    machine (2 MiB L2, four workers; 8B shape with 8 layers, streamed): 2¹⁸ 2.03-2.23 s, 2¹⁹ 1.48-1.60 s,
+    2²⁰ 1.41-1.44 s."""
     if CPU_BLOCK_ELEMENTS is not None:
         return CPU_BLOCK_ELEMENTS
-    cache = _last_level_cache()
-    if cache is None:
+    size = _core_cache_bytes(level=2)
+    if size is None:
         return 1 << 20
-    size, sharing = cache
-    per_thread = size // max(1, min(threads, sharing))
-    return 1 << max(17, min(20, (per_thread // 16).bit_length() - 1))
+    return 1 << max(17, min(20, (size // 2).bit_length() - 1))
 
 
 @cache
-def _last_level_cache() -> tuple[int, int] | None:
-    """(bytes, CPUs sharing it) of CPU 0's highest-level data or unified cache, from Linux's sysfs; None
-    where that cannot be read."""
-    found: tuple[int, int, int] | None = None
+def _core_cache_bytes(level: int) -> int | None:
+    """Size of CPU 0's data or unified cache of this level, from Linux's sysfs; None where it cannot be read."""
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
-            if (index / "type").read_text().strip() == "Instruction":
-                continue
-            level = int((index / "level").read_text())
-            size = _cache_bytes((index / "size").read_text().strip())
-            sharing = sum(_span(part) for part in (index / "shared_cpu_list").read_text().strip().split(","))
+            if (index / "type").read_text().strip() != "Instruction" and int((index / "level").read_text()) == level:
+                return _cache_bytes((index / "size").read_text().strip())
         except (OSError, ValueError):
             continue
-        if found is None or level > found[0]:
-            found = (level, size, sharing)
-    return found[1:] if found else None
+    return None
 
 
 def _cache_bytes(text: str) -> int:
     """sysfs's cache size ("512K", "32M", "1024") in bytes."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     return int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
-
-
-def _span(part: str) -> int:
-    """How many CPUs a cpu-list entry ("3" or "0-7") names."""
-    first, _, last = part.partition("-")
-    return int(last or first) - int(first) + 1
 
 
 def _low_rank_blocked(
@@ -729,76 +764,211 @@ def _low_rank_blocked(
     workers: ThreadPoolExecutor | None,
     buffers: "_Buffers | None" = None,
 ) -> list[torch.Tensor]:
-    """W + L R for each result's factors, computed block by block from the stored tensor, rounded once.
-
-    On a CPU the blocks go to `workers`, threads whose torch ops run single-threaded (see
-    `_compute_workers`), each taking the next block when it is free: a worker slowed by the reader or the
-    writer on a shared core holds up at most one block. The rounding report samples the tensor's rows
-    0, step, 2·step, ...: the blocks copy their sampled target rows aside as they pass, and the statistics
-    are taken once at the end."""
+    """W + L R for each result's factors, from a stored tensor in memory, rounded once into new tensors."""
     rows, cols = stored.shape
     blocks = row_blocks(rows, cols, stored.device, workers)
-    step = sample_step(stored)
     nbytes = stored.numel() * dtype.itemsize
     if buffers is None:
         outputs = [torch.empty(stored.shape, dtype=dtype, device=stored.device) for _ in results]
     else:
         outputs = [buffers.take(nbytes).view(dtype).reshape(stored.shape) for _ in results]
+    sinks = [_MemoryRows(output, blocks) for output in outputs]
+    _update_in_blocks(tensor, blocks, _MemoryRows(stored, blocks), sinks, factors, edits, results, dtype, workers)
+    return outputs
+
+
+def _low_rank_streamed(
+    tensor: OutputTensor,
+    streamed: _RowFactors,
+    edits: Sequence[Edit],
+    results: Sequence[StreamTarget],
+    writers: Sequence[ShardWriter],
+    workers: ThreadPoolExecutor | None,
+    clock: _PhaseClock,
+) -> None:
+    """W + L R for each result's factors, read from the base file and written into each output's shard a row
+    block at a time (see _streamed_factors)."""
+    dtype = DTYPES[tensor.dtype]
+    rows, cols = tensor.source.shape
+    blocks = row_blocks(rows, cols, torch.device("cpu"), workers)
+    with clock("compute"), _FileRows(tensor.source, blocks, clock) as source:
+        sinks = [_FileOutput(writer, tensor.name, blocks, cols, dtype, clock) for writer in writers]
+        _update_in_blocks(tensor, blocks, source, sinks, streamed.factors, edits, results, dtype, workers)
+
+
+class _MemoryRows:
+    """A 2-D tensor in memory, block by block: the stored tensor read whole, or an output tensor."""
+
+    def __init__(self, tensor: torch.Tensor, blocks: Sequence[tuple[int, int]]):
+        self.shape, self.device = tuple(tensor.shape), tensor.device
+        self._blocks = tensor.split([end - start for start, end in blocks])
+
+    def scratch(self) -> None:
+        return None
+
+    def block(self, i: int, scratch: None) -> torch.Tensor:
+        """Block i's rows (to read from, or as an output, to round into)."""
+        return self._blocks[i]
+
+    read = block
+
+    def written(self, i: int, scratch: None) -> None:
+        pass
+
+
+class _FileRows:
+    """A stored 2-D tensor's rows, read block by block from its file into the computing thread's scratch."""
+
+    def __init__(self, info: TensorInfo, blocks: Sequence[tuple[int, int]], clock: _PhaseClock):
+        self.shape, self.device = info.shape, torch.device("cpu")
+        self._info, self._blocks, self._clock = info, blocks, clock
+        self._row_bytes = info.nbytes // max(1, info.shape[0])
+        self._fd: int | None = None
+
+    def __enter__(self) -> "_FileRows":
+        self._fd = os.open(self._info.file, os.O_RDONLY)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self._fd)
+
+    def scratch(self) -> tuple[torch.Tensor, memoryview]:
+        """A block's worth of memory, as a tensor and as bytes (made once per thread: each costs microseconds)."""
+        return _scratch(max(end - start for start, end in self._blocks), self.shape[1], self._info.torch_dtype)
+
+    def read(self, i: int, scratch: tuple[torch.Tensor, memoryview]) -> torch.Tensor:
+        start, end = self._blocks[i]
+        began = time.perf_counter()
+        read_part(self._fd, self._info, scratch[1][: (end - start) * self._row_bytes], start * self._row_bytes)
+        self._clock.add("read", time.perf_counter() - began)
+        return scratch[0][: end - start]
+
+
+class _FileOutput:
+    """One output's tensor, rounded block by block into the computing thread's scratch and written from there
+    to its place in the output's shard file."""
+
+    def __init__(self, writer: ShardWriter, name: str, blocks: Sequence[tuple[int, int]], cols: int, dtype: torch.dtype, clock: _PhaseClock):
+        self._writer, self._name, self._blocks, self._cols, self._dtype, self._clock = writer, name, blocks, cols, dtype, clock
+        self._row_bytes = cols * dtype.itemsize
+
+    def scratch(self) -> tuple[torch.Tensor, memoryview]:
+        return _scratch(max(end - start for start, end in self._blocks), self._cols, self._dtype)
+
+    def block(self, i: int, scratch: tuple[torch.Tensor, memoryview]) -> torch.Tensor:
+        start, end = self._blocks[i]
+        return scratch[0][: end - start]
+
+    def written(self, i: int, scratch: tuple[torch.Tensor, memoryview]) -> None:
+        start, end = self._blocks[i]
+        began = time.perf_counter()
+        self._writer.write_part(self._name, start * self._row_bytes, scratch[1][: (end - start) * self._row_bytes])
+        self._clock.add("write", time.perf_counter() - began)
+
+
+def _scratch(rows: int, cols: int, dtype: torch.dtype) -> tuple[torch.Tensor, memoryview]:
+    tensor = torch.empty(rows, cols, dtype=dtype)
+    return tensor, memoryview(tensor.view(-1).view(torch.uint8).numpy())
+
+
+def _update_in_blocks(
+    tensor: OutputTensor,
+    blocks: Sequence[tuple[int, int]],
+    source: "_MemoryRows | _FileRows",
+    sinks: "Sequence[_MemoryRows | _FileOutput]",
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    edits: Sequence[Edit],
+    results: Sequence[StreamTarget],
+    dtype: torch.dtype,
+    workers: ThreadPoolExecutor | None,
+) -> None:
+    """Each sink gets W + L R for its result's factors, a row block at a time from the source, rounded once.
+
+    On a CPU the blocks go to `workers`, threads whose torch ops run single-threaded (see
+    `_compute_workers`), each taking the next block when it is free: a worker slowed by the reader or the
+    writer on a shared core holds up at most one block. The rounding report samples the tensor's rows
+    0, step, 2·step, ...: the blocks copy their sampled rows (base, target, output) aside as they pass, and
+    the statistics are taken once at the end."""
+    rows, cols = source.shape
+    device = source.device
+    step = sample_step((rows, cols))
     sizes = [end - start for start, end in blocks]
     firsts = [-start % step for start, _ in blocks]  # each block's first sampled row
     counts = [len(range(first, size, step)) for first, size in zip(firsts, sizes)]
-    sampled_targets = [torch.empty(len(range(0, rows, step)), cols, device=stored.device) for _ in results]
+    sampled = len(range(0, rows, step))
+    base_sample, base_rounded_sample = torch.empty(sampled, cols, device=device), torch.empty(sampled, cols, dtype=dtype, device=device)
+    target_samples = [torch.empty(sampled, cols, device=device) for _ in results]
+    output_samples = [torch.empty(sampled, cols, dtype=dtype, device=device) for _ in results]
     # Every block's views in one call per tensor: a Python slice costs microseconds, a block's math a few hundred.
-    stored_blocks = stored.split(sizes)
+    base_sample_blocks, base_rounded_blocks = base_sample.split(counts), base_rounded_sample.split(counts)
+    target_sample_blocks = [sample.split(counts) for sample in target_samples]
+    output_sample_blocks = [sample.split(counts) for sample in output_samples]
     left_blocks = [left.split(sizes) for left, _ in factors]
-    output_blocks = [output.split(sizes) for output in outputs]
-    sampled_blocks = [sampled.split(counts) for sampled in sampled_targets]
     pending = iter(range(len(blocks)))
     taking = threading.Lock()
+    failed: list[bool] = []
 
     def next_block() -> int | None:
         with taking:
-            return next(pending, None)
+            return None if failed else next(pending, None)
 
     def update() -> list[RoundingReport]:
         """Compute blocks until none is left; per result, the overflows this thread counted."""
-        target_block = torch.empty(max(sizes), cols, device=stored.device)
+        target_block = torch.empty(max(sizes), cols, device=device)
         targets = {size: target_block[:size] for size in set(sizes)}  # at most two sizes
+        stored_scratch, output_scratch = source.scratch(), sinks[0].scratch()
         overflows = [RoundingReport() for _ in results]
-        while (i := next_block()) is not None:
-            target = targets[sizes[i]]
-            for k, (edit, (_, right)) in enumerate(zip(edits, factors)):
-                # convert into the fp32 block, then W += L R in place (beta = 1: no copy of the block)
-                target.copy_(stored_blocks[i]).addmm_(left_blocks[k][i], right)
-                may_overflow = _check_finite(tensor, edit, target, dtype)
-                output_blocks[k][i].copy_(target)
-                if may_overflow:
-                    _count_overflow(tensor, target, output_blocks[k][i], stored_blocks[i], overflows[k])
+        try:
+            while (i := next_block()) is not None:
+                stored, target, first = source.read(i, stored_scratch), targets[sizes[i]], firsts[i]
                 if counts[i]:
-                    sampled_blocks[k][i].copy_(target[firsts[i] :: step])
+                    base_sample_blocks[i].copy_(stored[first::step])
+                    base_rounded_blocks[i].copy_(stored[first::step])
+                for k, (edit, (_, right), sink) in enumerate(zip(edits, factors, sinks)):
+                    # convert into the fp32 block, then W += L R in place (beta = 1: no copy of the block)
+                    target.copy_(stored).addmm_(left_blocks[k][i], right)
+                    may_overflow = _check_finite(tensor, edit, target, dtype)
+                    output = sink.block(i, output_scratch)
+                    output.copy_(target)
+                    if may_overflow:
+                        _count_overflow(tensor, target, output, stored, overflows[k])
+                    if counts[i]:
+                        target_sample_blocks[k][i].copy_(target[first::step])
+                        output_sample_blocks[k][i].copy_(output[first::step])
+                    sink.written(i, output_scratch)
+        except BaseException:
+            failed.append(True)  # the other threads stop at their next block
+            raise
         return overflows
 
     if workers is None:
         shares = [update()]
     else:
-        shares = [share.result() for share in [workers.submit(update) for _ in range(min(workers._max_workers, len(blocks)))]]
-    sampled_stored = stored[::step]
-    base_sample, stored_rounded = sampled_stored.float(), sampled_stored.to(dtype)
+        running = [workers.submit(update) for _ in range(min(workers._max_workers, len(blocks)))]
+        try:
+            wait(running)  # every thread done with the files before a failure is raised
+        except BaseException:  # e.g. Ctrl-C: stop the threads, and let them finish their block before the files close
+            failed.append(True)
+            wait(running)
+            raise
+        shares = [share.result() for share in running]
     for k, result in enumerate(results):
         before = result.rounding.changed
         for share in shares:
             result.rounding.include(share[k])
-        result.rounding.add_sample(step, base_sample, sampled_targets[k], outputs[k][::step], stored_rounded)
+        result.rounding.add_sample(step, base_sample, target_samples[k], output_samples[k], base_rounded_sample)
         # Sampled rows that changed settle it; else (rare: a change too small for fp32 in every sampled row) look at all.
-        if result.rounding.changed > before or _changes_any_row(stored, *factors[k], blocks):
+        if result.rounding.changed > before or _changes_any_row(source, blocks, *factors[k]):
             result.changed_tensors.append(tensor.name)
-    return outputs
 
 
-def _changes_any_row(stored: torch.Tensor, left: torch.Tensor, right: torch.Tensor, blocks: Sequence[tuple[int, int]]) -> bool:
+def _changes_any_row(
+    source: "_MemoryRows | _FileRows", blocks: Sequence[tuple[int, int]], left: torch.Tensor, right: torch.Tensor
+) -> bool:
     """Whether W + L R differs from W in fp32 anywhere, recomputed block by block as `update` computes it."""
-    for start, end in blocks:
-        base = stored[start:end].float()
+    scratch = source.scratch()
+    for i, (start, end) in enumerate(blocks):
+        base = source.read(i, scratch).float()
         if not torch.equal(base.clone().addmm_(left[start:end], right), base):
             return True
     return False
