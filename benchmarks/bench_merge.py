@@ -8,12 +8,13 @@ One run measures, side by side on the same fixture (built first if missing), eac
 and prints the ratios to the floors. Each step is timed twice: inside its process (the work alone) and as the
 whole process from outside (interpreter start and imports included, as a user times a command). Peak RSS is
 that process's VmHWM. Optional modes:
-  --cold       also `cp -r` and weightsteer (first --device) with the page cache dropped before each run
+  --cold       also `cp -r` and weightsteer (each --device) with the page cache dropped before each run
                (root: sync; echo 3 > /proc/sys/vm/drop_caches; otherwise the base files are evicted with
                posix_fadvise(DONTNEED), which needs no privilege; the run prints which it did)
   --coeffs K…  K outputs from one read (K coeffs), against the floor of one read plus K writes of the bytes
   --cli        whole-process timings of `weightsteer --help`, `schemes`, an argument error and `merge`
-  --repeat N   each step N times, the median run reported (a shared or virtual machine varies run to run)
+  --repeat N   N rounds of every step, interleaved; each step's median run is reported, and the round-by-round
+               ratio to the rewrite floor (a shared or virtual machine drifts run to run)
 
     python benchmarks/bench_merge.py                   # the ~0.8B bf16 Llama shape, DeLoRA r=8, CPU
     python benchmarks/bench_merge.py --cold --coeffs 1 2 4 --cli
@@ -251,7 +252,7 @@ def main() -> None:
     parser.add_argument("--coeffs", type=int, nargs="+", metavar="K", help="K outputs from one read, on the last --layers fixture")
     parser.add_argument("--cli", action="store_true", help="whole-process timings of the command line")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
-                        help="measure each step N times in a row and report the median run")
+                        help="run every step N times, in interleaved rounds, and report each step's median run")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
     full_layers = SHAPES[args.shape][1]
@@ -263,51 +264,52 @@ def main() -> None:
     size_gb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, {_gpu_name()}; {time.strftime('%Y-%m-%d')}")
     if args.repeat > 1:
-        print(f"each step run {args.repeat} times; the median run is shown")
+        print(f"every step run {args.repeat} times, in interleaved rounds; each step's median run is shown")
     print(f"fixture: {args.shape} shape, {layer_counts[0]} layers, {size_gb:.2f} GB bf16, DeLoRA r={RANK}, coeff {COEFF} "
           f"(built or found in {time.perf_counter() - start:.0f} s)")
     results: dict[str, dict] = {}
 
-    def timed(label, kind, *paths, device="cpu", extra=(), cold=False):
-        out = args.workdir / "out"
-        runs = []
-        for _ in range(args.repeat):
-            shutil.rmtree(out, ignore_errors=True)
-            os.sync()
-            how = drop_cache(paths[0]) if cold else warm_cache(paths[0])
-            runs.append(measure(kind, [*map(str, paths), str(out)], [device, *extra]))
-            shutil.rmtree(out, ignore_errors=True)
-        r = results[label] = sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]
-        print(f"{label:<34} {r['seconds']:8.2f} s  (process {r['process_seconds']:6.2f} s, CPU {r['cpu_seconds']:6.2f} s)   "
-              f"peak RSS {r['peak_rss_mb']:6.0f} MB"
-              + (f"   [{how}]" if cold else ""), flush=True)
+    steps: list[tuple[str, str, tuple[Path, ...], str, tuple[str, ...], bool]] = []  # label, kind, paths, device, extra, cold
 
-    timed("copy (cp -r)", "copy", base)
-    timed("rewrite (safetensors)", "rewrite", base)
+    def step(label, kind, *paths, device="cpu", extra=(), cold=False):
+        steps.append((label, kind, paths, device, tuple(extra), cold))
+
+    step("copy (cp -r)", "copy", base)
+    step("rewrite (safetensors)", "rewrite", base)
     for device in args.device:
         for n in layer_counts:
-            timed(f"weightsteer {device} {n}L", "weightsteer", *fixtures[n], device=device)
+            step(f"weightsteer {device} {n}L", "weightsteer", *fixtures[n], device=device)
     if not args.skip_peft:
-        try:
-            timed(f"peft {args.peft_device}", "peft", base, adapter, device=args.peft_device)
-        except RuntimeError as e:
-            print(f"peft: skipped ({str(e).splitlines()[-1]})")
+        step(f"peft {args.peft_device}", "peft", base, adapter, device=args.peft_device)
     if args.cold:
-        timed("copy (cp -r), cold", "copy", base, cold=True)
-        timed(f"weightsteer {args.device[0]}, cold", "weightsteer", base, adapter, device=args.device[0], cold=True)
+        step("copy (cp -r), cold", "copy", base, cold=True)
+        for device in args.device:
+            step(f"weightsteer {device}, cold", "weightsteer", base, adapter, device=device, cold=True)
     k_base, k_adapter = fixtures[layer_counts[-1]]
     for k in args.coeffs or ():
-        timed(f"read once + {k} writes, {layer_counts[-1]}L", "read_write", k_base, device="cpu", extra=(str(k),))
-        timed(f"weightsteer {args.device[0]} {k} coeffs, {layer_counts[-1]}L", "weightsteer", k_base, k_adapter,
-              device=args.device[0], extra=(str(k),))
+        step(f"read once + {k} writes, {layer_counts[-1]}L", "read_write", k_base, device="cpu", extra=(str(k),))
+        step(f"weightsteer {args.device[0]} {k} coeffs, {layer_counts[-1]}L", "weightsteer", k_base, k_adapter,
+             device=args.device[0], extra=(str(k),))
+    rounds = run_rounds(steps, args.repeat, args.workdir / "out")
+    results: dict[str, dict] = {}
+    for label, *_, cold in steps:
+        runs = [r[label] for r in rounds if label in r]
+        if not runs:
+            print(f"{label}: skipped ({rounds[0].get(label + ' failed', 'failed')})")
+            continue
+        r = results[label] = sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]
+        print(f"{label:<34} {r['seconds']:8.2f} s  (process {r['process_seconds']:6.2f} s, CPU {r['cpu_seconds']:6.2f} s)   "
+              f"peak RSS {r['peak_rss_mb']:6.0f} MB" + (f"   [{r['cache']}]" if cold else ""), flush=True)
+    results["rounds"] = rounds
     cli = command_line_timings(k_base, k_adapter, args.workdir, args.device[0]) if args.cli else {}
     print()
     for device in args.device:
         report(results, device, layer_counts, args.peft_device)
-    if args.cold:
-        cold = results[f"weightsteer {args.device[0]}, cold"]
-        print(f"cold: weightsteer {args.device[0]} / cold cp -r: {cold['seconds'] / results['copy (cp -r), cold']['seconds']:.2f}x "
-              f"(whole processes {cold['process_seconds'] / results['copy (cp -r), cold']['process_seconds']:.2f}x)")
+    for device in args.device if args.cold else ():
+        cold, floor = results[f"weightsteer {device}, cold"], results["copy (cp -r), cold"]
+        print(f"cold: weightsteer {device} / cold cp -r: {cold['seconds'] / floor['seconds']:.2f}x "
+              f"(whole processes {cold['process_seconds'] / floor['process_seconds']:.2f}x)" + _round_by_round(
+                  results["rounds"], f"weightsteer {device}, cold", "copy (cp -r), cold"))
     for k in args.coeffs or ():
         ours, floor = results[f"weightsteer {args.device[0]} {k} coeffs, {layer_counts[-1]}L"], results[f"read once + {k} writes, {layer_counts[-1]}L"]
         print(f"K={k}: weightsteer / (one read + {k} writes): {ours['seconds'] / floor['seconds']:.2f}x "
@@ -316,6 +318,35 @@ def main() -> None:
         print(f"{label:<40} {seconds:6.2f} s (whole process)")
     if args.json:
         args.json.write_text(json.dumps({"shape": args.shape, "size_gb": size_gb, "results": results, "cli": cli}, indent=2))
+
+
+def run_rounds(steps, repeat: int, out: Path) -> list[dict[str, dict]]:
+    """Every step once per round, `repeat` rounds: a machine that drifts (a shared VM) drifts for all steps
+    alike, and each round's ratios compare runs minutes apart at most."""
+    rounds = []
+    for _ in range(repeat):
+        done: dict[str, dict] = {}
+        for label, kind, paths, device, extra, cold in steps:
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+            how = drop_cache(paths[0]) if cold else warm_cache(paths[0])
+            try:
+                done[label] = {**measure(kind, [*map(str, paths), str(out)], [device, *extra]), "cache": how}
+            except RuntimeError as e:
+                if kind != "peft":
+                    raise
+                done[label + " failed"] = str(e).splitlines()[-1]
+            shutil.rmtree(out, ignore_errors=True)
+        rounds.append(done)
+    return rounds
+
+
+def _round_by_round(rounds: list[dict[str, dict]], label: str, floor: str) -> str:
+    """The ratio of two steps within each round, as a range ('' for a single round)."""
+    if len(rounds) < 2:
+        return ""
+    ratios = sorted(r[label]["seconds"] / r[floor]["seconds"] for r in rounds)
+    return f"; round by round {ratios[0]:.2f}-{ratios[-1]:.2f}x (median {ratios[len(ratios) // 2]:.2f}x)"
 
 
 def command_line_timings(base: Path, adapter: Path, workdir: Path, device: str) -> dict[str, float]:
@@ -354,6 +385,8 @@ def report(results: dict, device: str, layer_counts: list[int], peft_device: str
     print(f"-- weightsteer on {device} --")
     print(f"weightsteer phases (busy, overlapping): read {phases['read']:.2f} s, compute {phases['compute']:.2f} s, write/copy {phases['write']:.2f} s")
     print(f"weightsteer / rewrite floor: {ours['seconds'] / rewrite['seconds']:.2f}x time (whole processes {ours['process_seconds'] / rewrite['process_seconds']:.2f}x)")
+    if rounds := _round_by_round(results["rounds"], f"weightsteer {device} {layer_counts[0]}L", "rewrite (safetensors)"):
+        print("  " + rounds.removeprefix("; "))
     print(f"weightsteer / cp floor:      {ours['seconds'] / copy['seconds']:.2f}x time (whole processes {ours['process_seconds'] / copy['process_seconds']:.2f}x)")
     print(f"CPU seconds (whole processes): weightsteer {ours['cpu_seconds']:.2f}, rewrite {rewrite['cpu_seconds']:.2f}, cp {copy['cpu_seconds']:.2f}")
     peft = results.get(f"peft {peft_device}")
