@@ -360,6 +360,10 @@ class ShardWriter:
             self._left[name] -= nbytes
         return start + offset
 
+    def _check_whole(self, name: str, nbytes: int) -> None:
+        if nbytes != self._spans[name][1]:
+            raise AssertionError(f"{self.path}: {nbytes} B for {name}, which has {self._spans[name][1]} B")
+
     def _put(self, at: int, data) -> None:
         view = memoryview(data).cast("B")
         while view:
@@ -369,8 +373,7 @@ class ShardWriter:
     def write(self, name: str, tensor: torch.Tensor, staging: torch.Tensor | None = None) -> None:
         """A whole tensor's bytes; a GPU tensor goes through `staging` (a page-locked uint8 buffer) if given."""
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        if data.numel() != self._spans[name][1]:
-            raise AssertionError(f"{self.path}: wrote {name} ({data.numel()} B), expected {self._spans[name][1]} B")
+        self._check_whole(name, data.numel())
         if data.device.type == "cpu":
             self.write_part(name, 0, data.numpy())
         elif staging is None:
@@ -409,8 +412,7 @@ class ShardWriter:
 
     def copy(self, name: str, info: TensorInfo) -> None:
         """Write tensor `name` as an unchanged copy of `info`'s bytes (in the kernel where possible)."""
-        if info.nbytes != self._spans[name][1]:
-            raise AssertionError(f"{self.path}: copied {name} ({info.nbytes} B), expected {self._spans[name][1]} B")
+        self._check_whole(name, info.nbytes)
         at = self._place(name, 0, info.nbytes)
         with open(info.file, "rb", buffering=0) as src:
             done = 0
